@@ -1,0 +1,126 @@
+"""Agent configuration: one frozen object, from arguments, a TOML file or the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from protocol import DEFAULT_ROOT, BrokerAddress, check_id
+
+ENV_PREFIX = "EDGE_OFFLOAD_AGENT_"
+
+
+def default_models_dirs() -> tuple[Path, ...]:
+    """The zoo shipped with the package (wheel) or the repository's models/ (editable install)."""
+    here = Path(__file__).resolve().parent
+    found = [p for p in (here / "zoo", here.parent / "models") if (p / "manifest.json").exists()]
+    return tuple(found[:1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """Everything an agent needs; pass it whole to :class:`agent.Agent`."""
+
+    agent_id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "agent")
+    broker: BrokerAddress = field(default_factory=BrokerAddress)
+    root: str = DEFAULT_ROOT
+    slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    labels: dict[str, str] = field(default_factory=dict)
+    models_dirs: tuple[Path, ...] = field(default_factory=default_models_dirs)
+    # onnxruntime threads per slot; 1 keeps slots independent and predictable.
+    threads_per_slot: int = 1
+    # Providers to try, in order of preference; each is probed with a real inference.
+    providers: tuple[str, ...] = ()
+    heartbeat_s: float = 2.0
+    # Tasks accepted beyond the running ones before new ones are refused.
+    queue_limit: int = 64
+    # Multiplies service time (by sleeping after each run) to emulate a slower device in
+    # tests and benchmarks. Advertised in the birth so nobody mistakes it for real speed.
+    slowdown: float = 1.0
+    benchmark: bool = True
+    drain_timeout_s: float = 30.0
+    max_payload_bytes: int = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        check_id(self.agent_id, "agent id")
+        if self.slots < 1:
+            raise ValueError("slots must be >= 1")
+        if self.slowdown < 1.0:
+            raise ValueError("slowdown must be >= 1 (it only slows a device down)")
+
+    def with_(self, **changes: Any) -> AgentConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> AgentConfig:
+        """Defaults < the TOML file's ``[agent]`` table < the environment < ``overrides``."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+            values.update(data.get("agent", data))
+        values.update(_from_env())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**_coerce(values))
+
+
+def _from_env() -> dict[str, Any]:
+    names = {f.name for f in fields(AgentConfig)}
+    out: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in names:
+                out[name] = value
+    if url := os.environ.get("EDGE_OFFLOAD_BROKER"):
+        out.setdefault("broker", url)
+    return out
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Turn strings (environment, CLI) and TOML values into the field types."""
+    out = dict(values)
+    if isinstance(out.get("broker"), str):
+        out["broker"] = BrokerAddress.parse(out["broker"])
+    if isinstance(out.get("labels"), str):
+        out["labels"] = parse_labels(out["labels"].split(","))
+    if isinstance(out.get("models_dirs"), str):
+        out["models_dirs"] = tuple(Path(p) for p in out["models_dirs"].split(os.pathsep) if p)
+    elif isinstance(out.get("models_dirs"), list | tuple):
+        out["models_dirs"] = tuple(Path(p) for p in out["models_dirs"])
+    if isinstance(out.get("providers"), str):
+        out["providers"] = tuple(p for p in out["providers"].split(",") if p)
+    elif isinstance(out.get("providers"), list):
+        out["providers"] = tuple(out["providers"])
+    for name, kind in (
+        ("slots", int),
+        ("threads_per_slot", int),
+        ("queue_limit", int),
+        ("max_payload_bytes", int),
+        ("heartbeat_s", float),
+        ("slowdown", float),
+        ("drain_timeout_s", float),
+    ):
+        if isinstance(out.get(name), str):
+            out[name] = kind(out[name])
+    if isinstance(out.get("benchmark"), str):
+        out["benchmark"] = out["benchmark"].lower() in ("1", "true", "yes", "on")
+    return out
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """``["site=plant1", "zone=a"]`` -> ``{"site": "plant1", "zone": "a"}``."""
+    labels: dict[str, str] = {}
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {item!r} is not KEY=VALUE")
+        labels[key.strip()] = value.strip()
+    return labels

@@ -1,0 +1,445 @@
+"""The agent daemon: birth/death, heartbeats, and microtask execution in a bounded pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import onnxruntime as ort
+import psutil
+
+from agent.config import AgentConfig
+from agent.providers import usable_providers
+from agent.store import ModelStore
+from protocol import (
+    AgentState,
+    CancelTask,
+    Capabilities,
+    ErrorInfo,
+    Heartbeat,
+    OffloadError,
+    ProtocolError,
+    RunTask,
+    TaskResult,
+    Topics,
+    decode_tensors,
+    encode_arrays,
+    new_seq,
+    parse_task,
+)
+from protocol.transport import Link
+
+logger = logging.getLogger(__name__)
+
+# How many finished (task_id, attempt) keys are remembered to answer redeliveries once.
+SEEN_LIMIT = 100_000
+# Results kept while the broker is unreachable, published on reconnect.
+PENDING_RESULTS_LIMIT = 10_000
+
+
+@dataclass(eq=False)
+class _Active:
+    task: RunTask
+    received: float
+    run_options: ort.RunOptions = field(default_factory=ort.RunOptions)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future[bytes] | None = None
+
+
+@dataclass
+class AgentStats:
+    received: int = 0
+    completed: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+
+
+class Agent:
+    """One device's daemon. Use as ``async with Agent(config) as agent: await agent.wait()``.
+
+    Entering the context probes execution providers, loads and benchmarks the installed
+    models (off the event loop), then connects and publishes the birth. Microtasks run in a
+    thread pool of ``config.slots`` workers; onnxruntime releases the GIL while it computes.
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.root)
+        self.stats = AgentStats()
+        self._store: ModelStore | None = None
+        self._capabilities: Capabilities | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._active: dict[tuple[str, int], _Active] = {}
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._pending_results: list[tuple[str, bytes]] = []
+        self._seq = 0
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._link = Link(
+            address=config.broker,
+            client_id=f"agent-{config.agent_id}",
+            subscriptions=[(self.topics.tasks(config.agent_id), 1)],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=self._will,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def __aenter__(self) -> Agent:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._prepare)
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.config.slots, thread_name_prefix=f"agent-{self.config.agent_id}"
+        )
+        self._tasks = [
+            asyncio.create_task(self._link.run(), name="agent-link"),
+            asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self._pool is not None:
+            for a in self._active.values():
+                a.cancelled.set()
+                a.run_options.terminate = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._stopped.set()
+        s = self.stats
+        logger.info(
+            "agent %s stopped: %d received, %d completed, %d failed, %d duplicates, %d rejected",
+            self.config.agent_id,
+            s.received,
+            s.completed,
+            s.failed,
+            s.duplicates,
+            s.rejected,
+        )
+
+    async def wait_connected(self, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self._link.connected.wait(), timeout)
+
+    async def wait(self) -> None:
+        """Wait until the agent is closed."""
+        await self._stopped.wait()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop intake, let running microtasks finish (up to ``timeout``), then go offline.
+
+        Tasks still running at the timeout are abandoned; their leases expire on the
+        coordinator, which runs them elsewhere.
+        """
+        timeout = self.config.drain_timeout_s if timeout is None else timeout
+        self._draining = True
+        logger.info("agent %s draining %d microtasks", self.config.agent_id, len(self._active))
+        self._publish_heartbeat()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.warning("drain timed out with %d microtasks running", len(self._active))
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._link.publish(
+                self.topics.state(self.config.agent_id),
+                self._state(online=False, reason="drained").to_json(),
+                qos=1,
+                retain=True,
+            )
+        await self.close()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        assert self._capabilities is not None, "agent not started"
+        return self._capabilities
+
+    # -- preparation (blocking, runs in a thread) -----------------------------------------------
+    def _prepare(self) -> None:
+        cfg = self.config
+        providers = usable_providers(cfg.providers)
+        self._store = ModelStore(
+            cfg.models_dirs, providers=providers, threads_per_slot=cfg.threads_per_slot
+        )
+        self._store.load_all()
+        if cfg.benchmark:
+            self._store.benchmark(slowdown=cfg.slowdown)
+        freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
+        vm = psutil.virtual_memory()
+        self._capabilities = Capabilities(
+            hostname=socket.gethostname(),
+            arch=platform.machine(),
+            platform=platform.platform(terse=True),
+            cpu_count=os.cpu_count() or 1,
+            cpu_freq_mhz=float(freq.max or freq.current) if freq else None,
+            memory_total=vm.total,
+            memory_available=vm.available,
+            onnxruntime=ort.__version__,
+            providers=providers,
+            slots=cfg.slots,
+            labels=cfg.labels,
+            power=_power_source(),
+            models=self._store.infos(),
+            slowdown=cfg.slowdown,
+        )
+        psutil.cpu_percent(interval=None)  # prime: the first call always returns 0.0
+
+    # -- MQTT -----------------------------------------------------------------------------------
+    def _state(self, *, online: bool, reason: str | None = None) -> AgentState:
+        return AgentState(
+            agent_id=self.config.agent_id,
+            online=online,
+            seq=self._seq,
+            ts=time.time(),
+            reason=reason,
+            capabilities=self.capabilities if online else None,
+        )
+
+    def _will(self) -> aiomqtt.Will:
+        # A fresh sequence number per connection: the birth published on connect and this
+        # death carry the same one, so a death delayed past a newer birth is recognisably stale.
+        self._seq = new_seq()
+        return aiomqtt.Will(
+            self.topics.state(self.config.agent_id),
+            self._state(online=False, reason="connection lost").to_json(),
+            qos=1,
+            retain=True,
+        )
+
+    async def _on_connect(self, link: Link) -> None:
+        await link.publish(
+            self.topics.state(self.config.agent_id),
+            self._state(online=True).to_json(),
+            qos=1,
+            retain=True,
+        )
+        pending, self._pending_results = self._pending_results, []
+        for topic, payload in pending:
+            link.publish_nowait(topic, payload, qos=1)
+        if pending:
+            logger.info("published %d results kept while disconnected", len(pending))
+
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            return
+        received = time.monotonic()
+        if len(payload) > self.config.max_payload_bytes:
+            self.stats.rejected += 1
+            logger.warning(
+                "task message of %d bytes refused (limit %d)",
+                len(payload),
+                self.config.max_payload_bytes,
+            )
+            return
+        try:
+            msg = parse_task(bytes(payload))
+        except ProtocolError as e:
+            self.stats.rejected += 1
+            logger.warning("malformed task message refused: %s", e)
+            return
+        if isinstance(msg, CancelTask):
+            self._cancel(msg)
+        else:
+            self._accept(msg, received)
+
+    # -- execution ------------------------------------------------------------------------------
+    def _accept(self, task: RunTask, received: float) -> None:
+        key = (task.task_id, task.attempt)
+        if key in self._active or key in self._seen:
+            # QoS 1 may deliver a message twice; a task attempt is answered once.
+            self.stats.duplicates += 1
+            return
+        self.stats.received += 1
+        self._remember(key)
+        if self._draining:
+            self._reply_error(task, "draining", "agent is draining; run this elsewhere")
+            return
+        if len(self._active) >= self.config.slots + self.config.queue_limit:
+            self._reply_error(task, "no_capacity", "agent queue is full")
+            return
+        active = _Active(task=task, received=received)
+        self._active[key] = active
+        self._idle.clear()
+        assert self._pool is not None
+        active.future = self._pool.submit(self._execute, active)
+        active.future.add_done_callback(lambda f, k=key: self._done_threadsafe(k, f))
+
+    def _remember(self, key: tuple[str, int]) -> None:
+        self._seen[key] = None
+        if len(self._seen) > SEEN_LIMIT:
+            self._seen.popitem(last=False)
+
+    def _cancel(self, msg: CancelTask) -> None:
+        active = self._active.get((msg.task_id, msg.attempt))
+        if active is None:
+            self._remember((msg.task_id, msg.attempt))  # a late RunTask must not start
+            return
+        active.cancelled.set()
+        active.run_options.terminate = True  # stops a running onnxruntime call
+        if active.future is not None:
+            active.future.cancel()
+        self.stats.cancelled += 1
+
+    def _execute(self, active: _Active) -> bytes:
+        """Run one microtask in a worker thread; always returns an encoded TaskResult."""
+        task = active.task
+        started = time.monotonic()
+        queued_ms = (started - active.received) * 1000
+        exec_ms = 0.0
+        try:
+            if active.cancelled.is_set():
+                raise OffloadError("cancelled", code="draining")
+            assert self._store is not None
+            model = self._store.get(task.model)
+            feeds = decode_tensors(task.inputs)
+            model.check_inputs(feeds)
+            t0 = time.perf_counter()
+            try:
+                outs = model.session.run(model.output_names, feeds, active.run_options)
+            except Exception as e:
+                raise OffloadError(f"onnxruntime: {e}", code="execution_failed") from e
+            if self.config.slowdown > 1.0:
+                # Emulated slower device: hold the slot for the extra service time.
+                active.cancelled.wait((time.perf_counter() - t0) * (self.config.slowdown - 1.0))
+            exec_ms = (time.perf_counter() - t0) * 1000
+            result = TaskResult(
+                task_id=task.task_id,
+                job_id=task.job_id,
+                attempt=task.attempt,
+                agent_id=self.config.agent_id,
+                ok=True,
+                outputs=encode_arrays(dict(zip(model.output_names, outs, strict=True))),
+                queued_ms=queued_ms,
+                exec_ms=exec_ms,
+            )
+        except OffloadError as e:
+            result = self._error_result(task, e.code, e.message, queued_ms)
+        except Exception as e:  # never lose a task to an unexpected error
+            logger.exception("microtask %s failed", task.task_id)
+            result = self._error_result(task, "execution_failed", repr(e), queued_ms)
+        return result.to_json()
+
+    def _error_result(
+        self, task: RunTask, code: Any, message: str, queued_ms: float = 0.0
+    ) -> TaskResult:
+        return TaskResult(
+            task_id=task.task_id,
+            job_id=task.job_id,
+            attempt=task.attempt,
+            agent_id=self.config.agent_id,
+            ok=False,
+            error=ErrorInfo(code=code, message=message[:2000]),
+            queued_ms=queued_ms,
+        )
+
+    def _reply_error(self, task: RunTask, code: Any, message: str) -> None:
+        self.stats.failed += 1
+        self._publish_result(self._error_result(task, code, message).to_json())
+
+    def _done_threadsafe(self, key: tuple[str, int], future: Future[bytes]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._done, key, future)
+
+    def _done(self, key: tuple[str, int], future: Future[bytes]) -> None:
+        active = self._active.pop(key, None)
+        if not self._active:
+            self._idle.set()
+        if active is None or future.cancelled() or active.cancelled.is_set():
+            return
+        exc = future.exception()
+        if exc is not None:  # _execute catches everything; this is a bug guard
+            logger.error("microtask %s crashed: %r", key[0], exc)
+            return
+        payload = future.result()
+        self.stats.completed += 1
+        self._publish_result(payload)
+
+    def _publish_result(self, payload: bytes) -> None:
+        topic = self.topics.results(self.config.agent_id)
+        if not self._link.publish_nowait(topic, payload, qos=1):
+            if len(self._pending_results) < PENDING_RESULTS_LIMIT:
+                self._pending_results.append((topic, payload))
+            else:
+                logger.error(
+                    "result dropped: %d results already waiting for the broker",
+                    len(self._pending_results),
+                )
+
+    # -- heartbeats -----------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            self._publish_heartbeat()
+
+    def _publish_heartbeat(self) -> None:
+        running = sum(1 for a in self._active.values() if a.future and a.future.running())
+        hb = Heartbeat(
+            agent_id=self.config.agent_id,
+            seq=self._seq,
+            ts=time.time(),
+            cpu_percent=psutil.cpu_percent(interval=None),
+            memory_available=psutil.virtual_memory().available,
+            running=running,
+            queued=len(self._active) - running,
+            slots=self.config.slots,
+            completed=self.stats.completed,
+            draining=self._draining,
+            temperature_c=_temperature(),
+            battery_percent=_battery(),
+        )
+        self._link.publish_nowait(self.topics.heartbeat(self.config.agent_id), hb.to_json(), qos=0)
+
+
+def _power_source() -> Any:
+    battery = _sensor("sensors_battery")
+    if battery is None:
+        return "unknown"
+    return "mains" if battery.power_plugged else "battery"
+
+
+def _battery() -> float | None:
+    battery = _sensor("sensors_battery")
+    return float(battery.percent) if battery is not None else None
+
+
+def _temperature() -> float | None:
+    temps = _sensor("sensors_temperatures")
+    if not temps:
+        return None
+    readings = [t.current for entries in temps.values() for t in entries if t.current]
+    return float(max(readings)) if readings else None
+
+
+def _sensor(name: str) -> Any:
+    fn = getattr(psutil, name, None)
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except Exception:  # sensors are optional and platform-specific
+        return None
