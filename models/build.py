@@ -198,12 +198,41 @@ def build_digits_mlp(out_dir: Path) -> dict[str, Any]:
     }
 
 
+DATASET_ID = "digits"
+DATASET_FILE = "digits_samples.npz"
+
+
+def build_digits_samples(out_dir: Path) -> dict[str, Any]:
+    """All 1,797 load_digits samples, so the demo and benchmarks need no scikit-learn."""
+    x, y = load_data()
+    path = out_dir / DATASET_FILE
+    # uint8 keeps the file small; the pixel values are the integers 0..16.
+    np.savez_compressed(path, x=x.astype(np.uint8), y=y.astype(np.int64))
+    return {
+        "id": DATASET_ID,
+        "file": DATASET_FILE,
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+        "arrays": {
+            "x": "uint8 [1797, 64]: pixel intensities 0..16 (cast to float32 for digits-mlp)",
+            "y": "int64 [1797]: the digit",
+        },
+        "source": SOURCE,
+        "licence": LICENCE,
+    }
+
+
 BUILDERS = (build_digits_mlp,)
+DATASET_BUILDERS = (build_digits_samples,)
 
 
 def build_all(out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"schema": MANIFEST_SCHEMA, "models": [b(out_dir) for b in BUILDERS]}
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "models": [b(out_dir) for b in BUILDERS],
+        "datasets": [b(out_dir) for b in DATASET_BUILDERS],
+    }
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     (out_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
     return manifest
@@ -214,8 +243,8 @@ def check() -> int:
     committed = json.loads((MODELS_DIR / MANIFEST_NAME).read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         rebuilt = build_all(Path(tmp))
-    want = {m["id"]: m for m in committed["models"]}
-    got = {m["id"]: m for m in rebuilt["models"]}
+    want = {m["id"]: m for m in committed["models"] + committed.get("datasets", [])}
+    got = {m["id"]: m for m in rebuilt["models"] + rebuilt["datasets"]}
     failures = 0
     for model_id in sorted(want.keys() | got.keys()):
         old, new = want.get(model_id), got.get(model_id)
@@ -225,9 +254,10 @@ def check() -> int:
         elif old["sha256"] != new["sha256"]:
             print(f"MISMATCH {model_id}: manifest {old['sha256']} rebuilt {new['sha256']}")
             versions = {
-                k: (old["build"].get(k), v)
-                for k, v in new["build"].items()
-                if k in ("scikit-learn", "skl2onnx", "onnx", "numpy") and old["build"].get(k) != v
+                k: (old.get("build", {}).get(k), v)
+                for k, v in new.get("build", {}).items()
+                if k in ("scikit-learn", "skl2onnx", "onnx", "numpy")
+                and old.get("build", {}).get(k) != v
             }
             if versions:
                 print(f"  library versions differ (manifest, local): {versions}")
@@ -282,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench:
         return bench()
     manifest = build_all(MODELS_DIR)
-    for m in manifest["models"]:
+    for m in manifest["models"] + manifest["datasets"]:
         print(f"wrote {m['file']} ({m['size']} bytes, sha256 {m['sha256']})")
     print(f"wrote {MANIFEST_NAME}")
     return 0
