@@ -65,6 +65,8 @@ class AgentStats:
     duplicates: int = 0
     rejected: int = 0
     cancelled: int = 0
+    # Most microtasks ever executing at once (never above the slots).
+    peak_running: int = 0
 
 
 class Agent:
@@ -78,6 +80,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.topics = Topics(config.root)
+        self._tasks_topic = self.topics.tasks(config.agent_id)
         self.stats = AgentStats()
         self._store: ModelStore | None = None
         self._capabilities: Capabilities | None = None
@@ -86,6 +89,8 @@ class Agent:
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._pending_results: list[tuple[str, bytes]] = []
         self._seq = 0
+        self._running = 0
+        self._running_lock = threading.Lock()
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,7 +100,7 @@ class Agent:
         self._link = Link(
             address=config.broker,
             client_id=f"agent-{config.agent_id}",
-            subscriptions=[(self.topics.tasks(config.agent_id), 1)],
+            subscriptions=[(self._tasks_topic, 1)],
             on_message=self._on_message,
             on_connect=self._on_connect,
             will=self._will,
@@ -244,7 +249,10 @@ class Agent:
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
+        # Brokers are not always right about routing (amqtt 0.12 replays other clients'
+        # retained messages on connect): only the agent's own tasks topic is obeyed.
+        if message.topic.value != self._tasks_topic or not isinstance(payload, bytes | bytearray):
+            self.stats.rejected += 1
             return
         received = time.monotonic()
         if len(payload) > self.config.max_payload_bytes:
@@ -310,6 +318,9 @@ class Agent:
         started = time.monotonic()
         queued_ms = (started - active.received) * 1000
         exec_ms = 0.0
+        with self._running_lock:
+            self._running += 1
+            self.stats.peak_running = max(self.stats.peak_running, self._running)
         try:
             if active.cancelled.is_set():
                 raise OffloadError("cancelled", code="draining")
@@ -341,6 +352,9 @@ class Agent:
         except Exception as e:  # never lose a task to an unexpected error
             logger.exception("microtask %s failed", task.task_id)
             result = self._error_result(task, "execution_failed", repr(e), queued_ms)
+        finally:
+            with self._running_lock:
+                self._running -= 1
         return result.to_json()
 
     def _error_result(
@@ -397,7 +411,7 @@ class Agent:
             self._publish_heartbeat()
 
     def _publish_heartbeat(self) -> None:
-        running = sum(1 for a in self._active.values() if a.future and a.future.running())
+        running = self._running
         hb = Heartbeat(
             agent_id=self.config.agent_id,
             seq=self._seq,

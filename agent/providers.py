@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +17,29 @@ PROBE_MODEL = Path(__file__).with_name("probe.onnx")
 
 
 def probe(provider: str) -> str | None:
-    """Run the probe model on ``provider`` alone; return why it failed, or None if it works.
+    """Run the probe model on ``provider``; return why it failed, or None if it works.
 
     onnxruntime silently falls back to the CPU when a provider cannot be initialised (a
-    CUDA build without a GPU, a missing TensorRT library), so the session's effective
-    provider list is checked too, not just the absence of an exception.
+    CUDA build without a GPU, a missing TensorRT library) or does not implement an operator
+    (the Azure provider runs no standard ops), so an inference without an exception proves
+    nothing. The probe therefore profiles the run and requires that the provider itself
+    executed the node, and that the output is right.
     """
     try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        session = ort.InferenceSession(str(PROBE_MODEL), sess_options=so, providers=[provider])
-        if session.get_providers()[0] != provider:
-            return f"session fell back to {session.get_providers()}"
-        x = np.arange(4, dtype=np.float32).reshape(1, 4)
-        (y,) = session.run(["y"], {"x": x})
+        with tempfile.TemporaryDirectory(prefix="edge-offload-probe-") as tmp:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tmp) / "probe")
+            session = ort.InferenceSession(str(PROBE_MODEL), sess_options=so, providers=[provider])
+            x = np.arange(4, dtype=np.float32).reshape(1, 4)
+            (y,) = session.run(["y"], {"x": x})
+            events = json.loads(Path(session.end_profiling()).read_text())
         if not np.array_equal(y, x + x):
             return f"wrong probe output {y!r}"
+        ran_on = {e["args"].get("provider") for e in events if e.get("cat") == "Node"}
+        if provider not in ran_on:
+            return f"the probe ran on {sorted(p for p in ran_on if p)}, not on {provider}"
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
