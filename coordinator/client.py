@@ -1,0 +1,244 @@
+"""The Python client SDK: submit jobs over MQTT and await their results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from coordinator.handles import JobHandle, JobOutput
+from protocol import (
+    DEFAULT_ROOT,
+    AgentState,
+    BrokerAddress,
+    CoordinatorState,
+    InferenceJob,
+    JobError,
+    JobResult,
+    JobStatus,
+    ProtocolError,
+    Topics,
+    decode_tensors,
+    encode_arrays,
+)
+from protocol.transport import FastPath, connect_options
+
+
+def _matches(topic: str, pattern: str) -> bool:
+    return aiomqtt.Topic(topic).matches(pattern)
+
+
+logger = logging.getLogger(__name__)
+
+StatusCallback = Callable[[JobStatus], None]
+
+
+class OffloadClient:
+    """Submit jobs to the coordinator through the broker.
+
+    ``async with OffloadClient("mqtt://127.0.0.1:1883") as client:
+         out = await client.run("digits-mlp", {"input": x})``
+
+    The client subscribes once to its own reply topic, so a job costs one publish out
+    and one message back.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerAddress | str = "mqtt://127.0.0.1:1883",
+        *,
+        root: str = DEFAULT_ROOT,
+        client_id: str | None = None,
+    ) -> None:
+        self.address = BrokerAddress.parse(broker) if isinstance(broker, str) else broker
+        self.topics = Topics(root)
+        self.client_id = client_id or f"sdk-{uuid.uuid4().hex[:12]}"
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._fast: FastPath | None = None
+        self._waiting: dict[str, asyncio.Future[JobOutput]] = {}
+        self._watchers: dict[str, StatusCallback] = {}
+        self._agents: dict[str, AgentState] | None = None
+        self._coordinator: asyncio.Future[CoordinatorState] | None = None
+        self._counter = 0
+
+    async def __aenter__(self) -> OffloadClient:
+        client = aiomqtt.Client(**connect_options(self.address, identifier=self.client_id))
+        await client.__aenter__()
+        self._client = client
+        self._fast = FastPath(client, self._on_message)
+        await client.subscribe(self.topics.replies(self.client_id), qos=1)
+        self._reader = asyncio.create_task(self._watch(), name="offload-client-watch")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._fast is not None:
+            self._fast.close()
+        if self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+
+    @property
+    def mqtt(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise RuntimeError("use 'async with OffloadClient(...)'")
+        return self._client
+
+    # -- jobs -----------------------------------------------------------------------------------
+    async def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]] | np.ndarray[Any, Any],
+        *,
+        batch_size: int | None = None,
+        policy: str | None = None,
+        priority: int = 0,
+        job_id: str | None = None,
+        on_status: StatusCallback | None = None,
+    ) -> JobHandle:
+        """Submit an inference job; ``inputs`` is one array (for single-input models) or
+        a mapping of input name to array, split along axis 0."""
+        if isinstance(inputs, np.ndarray):
+            inputs = {"input": inputs}
+        self._counter += 1
+        job_id = job_id or f"{self.client_id}-{self._counter}"
+        spec = InferenceJob.model_validate(
+            {
+                "job_id": job_id,
+                "model": model,
+                "inputs": encode_arrays(dict(inputs)),
+                "batch_size": batch_size,
+                "policy": policy,
+                "priority": priority,
+                "client_id": self.client_id,
+            }
+        )
+        return await self.submit_spec(spec, on_status=on_status)
+
+    async def submit_spec(
+        self, spec: InferenceJob, *, on_status: StatusCallback | None = None
+    ) -> JobHandle:
+        future: asyncio.Future[JobOutput] = asyncio.get_running_loop().create_future()
+        self._waiting[spec.job_id] = future
+        if on_status is not None:
+            self._watchers[spec.job_id] = on_status
+            await self.mqtt.subscribe(self.topics.status(spec.job_id), qos=0)
+        if spec.client_id is None:
+            await self.mqtt.subscribe(self.topics.result(spec.job_id), qos=1)
+        assert self._fast is not None
+        # Not awaiting the broker's PUBACK saves a round trip per job; the job's result
+        # (or a timeout in result()) is the acknowledgement that matters.
+        if not self._fast.publish(self.topics.submit, spec.to_json(), qos=1):
+            raise JobError("not connected to the broker", job_id=spec.job_id, code="internal")
+        return JobHandle(spec.job_id, future)
+
+    async def run(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]] | np.ndarray[Any, Any],
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> JobOutput:
+        """Submit and wait for the result."""
+        handle = await self.submit(model, inputs, **options)
+        return await handle.result(timeout)
+
+    # -- fleet ----------------------------------------------------------------------------------
+    async def agents(self, wait: float = 0.5) -> dict[str, AgentState]:
+        """The agents' retained births/deaths, collected for ``wait`` seconds."""
+        self._agents = {}
+        topic = self.topics.all_agents("state")
+        await self.mqtt.subscribe(topic, qos=1)
+        await asyncio.sleep(wait)
+        await self.mqtt.unsubscribe(topic)
+        found, self._agents = self._agents, None
+        return found
+
+    async def coordinator_state(self, timeout: float = 2.0) -> CoordinatorState:
+        """The coordinator's retained state with its recent jobs."""
+        self._coordinator = asyncio.get_running_loop().create_future()
+        await self.mqtt.subscribe(self.topics.coordinator, qos=1)
+        try:
+            return await asyncio.wait_for(self._coordinator, timeout)
+        except TimeoutError:
+            raise JobError(
+                "no coordinator state on the broker (is a coordinator running?)", code="no_capacity"
+            ) from None
+        finally:
+            await self.mqtt.unsubscribe(self.topics.coordinator)
+            self._coordinator = None
+
+    # -- inbound --------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Fail every waiting job when the connection ends (messages use the fast path)."""
+        try:
+            async for _ in self.mqtt.messages:
+                pass
+        except aiomqtt.MqttError as e:
+            for job_id, fut in list(self._waiting.items()):
+                if not fut.done():
+                    fut.set_exception(
+                        JobError(f"lost the broker: {e}", job_id=job_id, code="internal")
+                    )
+            self._waiting.clear()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            self._handle(topic, payload)
+        except ProtocolError as e:
+            logger.warning("ignored message on %s: %s", topic, e)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        # Match topics exactly: a broker may deliver what this client never subscribed to
+        # (amqtt 0.12 replays other clients' retained messages on connect).
+        if topic == self.topics.replies(self.client_id):
+            self._resolve(JobResult.from_json(payload))
+        elif topic == self.topics.coordinator:
+            if self._coordinator is not None and not self._coordinator.done():
+                self._coordinator.set_result(CoordinatorState.from_json(payload))
+        elif self._agents is not None and _matches(topic, self.topics.all_agents("state")):
+            state = AgentState.from_json(payload)
+            self._agents[state.agent_id] = state
+        else:
+            for job_id in list(self._watchers):
+                if topic == self.topics.status(job_id):
+                    self._watchers[job_id](JobStatus.from_json(payload))
+                    return
+            for job_id in list(self._waiting):
+                if topic == self.topics.result(job_id):
+                    self._resolve(JobResult.from_json(payload))
+                    return
+
+    def _resolve(self, result: JobResult) -> None:
+        future = self._waiting.pop(result.job_id, None)
+        self._watchers.pop(result.job_id, None)
+        if future is None or future.done():
+            return
+        if result.ok:
+            outputs = decode_tensors(result.outputs)
+            future.set_result(JobOutput(job_id=result.job_id, outputs=outputs, result=result))
+        else:
+            err = result.error
+            future.set_exception(
+                JobError(
+                    err.message if err else "job failed",
+                    job_id=result.job_id,
+                    code=err.code if err else "internal",
+                )
+            )

@@ -1,0 +1,68 @@
+"""Coordinator configuration: one frozen object, from arguments, a TOML file or the environment."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from protocol import DEFAULT_ROOT, BrokerAddress
+
+ENV_PREFIX = "EDGE_OFFLOAD_COORDINATOR_"
+
+PolicyName = Literal["earliest_finish", "least_loaded", "round_robin"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    """Everything the coordinator needs; pass it whole to :class:`coordinator.Coordinator`."""
+
+    broker: BrokerAddress = field(default_factory=BrokerAddress)
+    root: str = DEFAULT_ROOT
+    client_id: str = "coordinator"
+    policy: PolicyName = "earliest_finish"
+    # A microtask should take about this long on the fleet: long enough to amortise the
+    # per-message overhead (~0.3 ms), short enough to balance and to recover cheaply.
+    target_task_ms: float = 50.0
+    # ... and every slot of the fleet should get at least this many microtasks of a job,
+    # so that faster devices can take a proportionally larger share.
+    min_tasks_per_slot: int = 4
+    # Microtasks in flight per agent slot (one running, the rest queued on the device), so
+    # a device never waits on the network for its next task and placement stays late.
+    prefetch_per_slot: int = 2
+    # A lease lasts max(lease_min_s, lease_factor x estimated time to finish).
+    lease_min_s: float = 10.0
+    lease_factor: float = 4.0
+    max_attempts: int = 3
+    # An agent silent this long (no heartbeat, no result) is treated as dead.
+    dead_after_s: float = 15.0
+    max_payload_bytes: int = 256 * 2**20
+    status_interval_s: float = 0.5
+
+    def with_(self, **changes: Any) -> CoordinatorConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> CoordinatorConfig:
+        """Defaults < the TOML file's ``[coordinator]`` table < environment < ``overrides``."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+            values.update(data.get("coordinator", data))
+        names = {f.name: f for f in fields(cls)}
+        for key, value in os.environ.items():
+            if key.startswith(ENV_PREFIX) and (name := key[len(ENV_PREFIX) :].lower()) in names:
+                values[name] = value
+        if url := os.environ.get("EDGE_OFFLOAD_BROKER"):
+            values.setdefault("broker", url)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("broker"), str):
+            values["broker"] = BrokerAddress.parse(values["broker"])
+        for name, value in list(values.items()):
+            f = names.get(name)
+            if f is not None and isinstance(value, str) and f.type in ("int", "float"):
+                values[name] = int(value) if f.type == "int" else float(value)
+        return cls(**values)

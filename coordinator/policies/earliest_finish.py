@@ -1,0 +1,39 @@
+"""Earliest estimated finish time: queue wait + transfer + measured execution cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from coordinator.ledger import Microtask
+from coordinator.policies.base import Placement, estimate_finish_ms
+from coordinator.registry import AgentRecord
+
+
+class EarliestFinish:
+    """The default: run each microtask where it is estimated to finish first.
+
+    The agent that would finish first may have no credit left; then an agent that does
+    have credit still gets the task if it finishes it within the fleet's backlog horizon
+    (the job would not end sooner by waiting), otherwise the task waits for the better
+    agent. This gives a device a share proportional to its speed without letting a slow
+    device hold the last microtask of a job.
+    """
+
+    name = "earliest_finish"
+
+    def choose(
+        self, task: Microtask, candidates: Sequence[AgentRecord], ctx: Placement
+    ) -> AgentRecord | None:
+        best: AgentRecord | None = None
+        best_ms = float("inf")
+        ready: AgentRecord | None = None
+        ready_ms = float("inf")
+        for agent in candidates:
+            ms = estimate_finish_ms(agent, task, ctx.payload_bytes)
+            if ms < best_ms:
+                best, best_ms = agent, ms
+            if ms < ready_ms and ctx.credit(agent) > 0:
+                ready, ready_ms = agent, ms
+        if ready is not None and (ready is best or ready_ms <= max(ctx.backlog_ms, best_ms)):
+            return ready
+        return best

@@ -1,0 +1,187 @@
+"""The fleet registry: agents from births, heartbeats and deaths, with their measured costs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from protocol import AgentState, Capabilities, Heartbeat, ModelInfo
+
+if TYPE_CHECKING:
+    from coordinator.ledger import Microtask
+
+logger = logging.getLogger(__name__)
+
+# Weight of a new observation in the exponentially weighted cost estimates.
+EWMA = 0.3
+# Loopback-ish defaults until a device's link has been observed.
+DEFAULT_LATENCY_MS = 0.3
+DEFAULT_BYTES_PER_MS = 50_000.0
+
+
+@dataclass
+class CostModel:
+    """Milliseconds per call for one model on one agent.
+
+    The shape comes from the agent's self-benchmark (a fixed per-call overhead plus a
+    per-sample cost); observed executions scale it by an exponentially weighted factor.
+    Scaling, rather than refitting the line, keeps the model sound when a job's
+    microtasks all have the same size (a run of batch-1 tasks cannot tell overhead from
+    per-sample cost), while still following a device that slows down or is shared.
+    """
+
+    overhead_ms: float
+    base_per_sample_ms: float
+    factor: float = 1.0
+    observations: int = 0
+
+    @classmethod
+    def from_info(cls, info: ModelInfo, slowdown: float = 1.0) -> CostModel:
+        points = sorted(info.cost)
+        if len(points) >= 2:
+            (b1, m1), (b2, m2) = points[0], points[-1]
+            per = max((m2 - m1) / (b2 - b1), 1e-6)
+            return cls(overhead_ms=max(m1 - per * b1, 0.0), base_per_sample_ms=per)
+        if points:
+            b, m = points[0]
+            return cls(overhead_ms=0.0, base_per_sample_ms=max(m / b, 1e-6))
+        return cls(overhead_ms=1.0, base_per_sample_ms=1.0 * slowdown)  # unmeasured: pessimistic
+
+    @property
+    def per_sample_ms(self) -> float:
+        return self.base_per_sample_ms * self.factor
+
+    def estimate(self, samples: int) -> float:
+        return (self.overhead_ms + self.base_per_sample_ms * samples) * self.factor
+
+    def observe(self, samples: int, exec_ms: float) -> None:
+        """Follow one observed execution of ``samples`` samples that took ``exec_ms``."""
+        if samples <= 0 or exec_ms <= 0:
+            return
+        ratio = exec_ms / (self.overhead_ms + self.base_per_sample_ms * samples)
+        self.factor += EWMA * (min(max(ratio, 0.01), 100.0) - self.factor)
+        self.observations += 1
+
+
+@dataclass(eq=False)
+class AgentRecord:
+    """What the coordinator knows about one agent."""
+
+    agent_id: str
+    seq: int
+    capabilities: Capabilities
+    online: bool = True
+    last_seen: float = field(default_factory=time.monotonic)
+    heartbeat: Heartbeat | None = None
+    draining: bool = False
+    in_flight: dict[str, Microtask] = field(default_factory=dict)
+    costs: dict[str, CostModel] = field(default_factory=dict)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    latency_ms: float = DEFAULT_LATENCY_MS
+    bytes_per_ms: float = DEFAULT_BYTES_PER_MS
+    completed: int = 0
+    # Observed execution time per microtask (ms, exponentially weighted); 0 until measured.
+    exec_ms_avg: float = 0.0
+    # Sum of the estimated execution times of the microtasks in flight (ms), and when the
+    # agent last made visible progress on them (a result, or work arriving at an idle agent).
+    queued_ms: float = 0.0
+    progress_mark: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._load_models()
+
+    def _load_models(self) -> None:
+        self.models = {m.id: m for m in self.capabilities.models}
+        old = self.costs
+        self.costs = {
+            m.id: old.get(m.id) or CostModel.from_info(m, self.capabilities.slowdown)
+            for m in self.capabilities.models
+        }
+
+    @property
+    def slots(self) -> int:
+        return self.capabilities.slots
+
+    @property
+    def available(self) -> bool:
+        """Can receive new work."""
+        return self.online and not self.draining
+
+    def has_model(self, model_id: str) -> bool:
+        return model_id in self.models
+
+    def wait_ms(self, now: float) -> float:
+        """Estimated time before a new microtask would start on this agent."""
+        if not self.in_flight:
+            return 0.0
+        elapsed_ms = (now - self.progress_mark) * 1000
+        return max(self.queued_ms / self.slots - elapsed_ms, 0.0)
+
+    def transfer_ms(self, nbytes: int) -> float:
+        return self.latency_ms + nbytes / self.bytes_per_ms
+
+
+class Registry:
+    """Agents keyed by id. Births with an older ``seq`` than the one known are ignored."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, AgentRecord] = {}
+        self.stale_states = 0
+
+    def apply_state(self, msg: AgentState) -> tuple[AgentRecord | None, str]:
+        """Apply a birth or death; return the record and what happened
+        (``born``, ``reborn``, ``died``, ``stale``, ``unknown``)."""
+        rec = self.agents.get(msg.agent_id)
+        if rec is not None and msg.seq < rec.seq:
+            self.stale_states += 1
+            return rec, "stale"
+        if msg.online:
+            if msg.capabilities is None:
+                return rec, "stale"
+            if rec is None:
+                rec = AgentRecord(agent_id=msg.agent_id, seq=msg.seq, capabilities=msg.capabilities)
+                self.agents[msg.agent_id] = rec
+                return rec, "born"
+            was_online, same_session = rec.online, rec.seq == msg.seq
+            rec.seq = msg.seq
+            rec.capabilities = msg.capabilities
+            rec._load_models()
+            rec.online = True
+            rec.draining = False
+            rec.last_seen = time.monotonic()
+            return rec, "born" if (was_online and same_session) else "reborn"
+        if rec is None:
+            return None, "unknown"
+        if not rec.online:
+            return rec, "stale"
+        rec.seq = msg.seq
+        rec.online = False
+        return rec, "died"
+
+    def apply_heartbeat(self, hb: Heartbeat) -> AgentRecord | None:
+        rec = self.agents.get(hb.agent_id)
+        if rec is None or hb.seq < rec.seq or not rec.online:
+            return None
+        rec.heartbeat = hb
+        rec.last_seen = time.monotonic()
+        rec.draining = hb.draining
+        return rec
+
+    def silent(self, older_than_s: float) -> list[AgentRecord]:
+        """Online agents not heard from for ``older_than_s`` seconds."""
+        limit = time.monotonic() - older_than_s
+        return [a for a in self.agents.values() if a.online and a.last_seen < limit]
+
+    def online(self) -> list[AgentRecord]:
+        return [a for a in self.agents.values() if a.online]
+
+    def model_info(self, model_id: str) -> ModelInfo | None:
+        for a in self.agents.values():
+            if a.online and model_id in a.models:
+                return a.models[model_id]
+        return None
+
+    def known_models(self) -> list[str]:
+        return sorted({m for a in self.agents.values() if a.online for m in a.models})

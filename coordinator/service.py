@@ -1,0 +1,726 @@
+"""The coordinator service: fleet registry, job intake, splitting, dispatch and result assembly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import aiomqtt
+import numpy as np
+from pydantic import ValidationError
+
+from coordinator.config import CoordinatorConfig, PolicyName
+from coordinator.handles import JobHandle, JobOutput
+from coordinator.ledger import Job, Ledger, Microtask, TaskState
+from coordinator.policies import Placement, Policy, make_policy
+from coordinator.policies.base import estimate_finish_ms
+from coordinator.registry import AgentRecord, Registry
+from protocol import (
+    AgentShare,
+    AgentState,
+    CancelTask,
+    CoordinatorState,
+    ErrorCode,
+    ErrorInfo,
+    Heartbeat,
+    InferenceJob,
+    JobError,
+    JobResult,
+    JobStatus,
+    JobSummary,
+    OffloadError,
+    ProtocolError,
+    Rejection,
+    TaskResult,
+    Topics,
+    decode_tensors,
+    encode_arrays,
+)
+from protocol._base import summarize
+from protocol.transport import Link
+
+logger = logging.getLogger(__name__)
+
+# Finds a job id in a payload too large or too broken to parse, so the error still reaches
+# the job's own status topic.
+_JOB_ID_RE = re.compile(rb'"job_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})"')
+_CLIENT_ID_RE = re.compile(rb'"client_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})"')
+# In-flight microtasks per slot are raised above ``prefetch_per_slot`` when the link's
+# round trip is long compared with a microtask, but never above this.
+MAX_PREFETCH_PER_SLOT = 32
+HOUSEKEEPING_S = 0.1
+JOBS_KEPT = 200
+
+
+class Coordinator:
+    """Use as ``async with Coordinator(config) as coord: ...``.
+
+    All state lives on the event loop thread; message handlers are synchronous and short.
+    """
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.root)
+        self._submit_topic = self.topics.submit
+        self.registry = Registry()
+        self.ledger = Ledger(max_attempts=config.max_attempts)
+        self.rejected: Counter[str] = Counter()
+        self._policies: dict[str, Policy] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dispatch_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state_dirty = True
+        self._job_counter = 0
+        self._jobs_order: list[str] = []
+        self._link = Link(
+            address=config.broker,
+            client_id=config.client_id,
+            subscriptions=[
+                (self.topics.all_agents("state"), 1),
+                (self.topics.all_agents("heartbeat"), 0),
+                (self.topics.all_agents("results"), 1),
+                (self.topics.submit, 1),
+            ],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=self._will,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def __aenter__(self) -> Coordinator:
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [
+            asyncio.create_task(self._link.run(), name="coordinator-link"),
+            asyncio.create_task(self._housekeeping(), name="coordinator-housekeeping"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._link.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._link.publish(
+                    self.topics.coordinator,
+                    self._state_message(online=False).to_json(),
+                    qos=1,
+                    retain=True,
+                )
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        c = self.ledger.counts
+        logger.info(
+            "coordinator stopped: %d jobs, %d microtasks dispatched, %d completed, %d retried, "
+            "%d rejected messages",
+            len(self.ledger.jobs),
+            c["dispatched"],
+            c["completed"],
+            c["retried"],
+            sum(self.rejected.values()),
+        )
+
+    async def wait_connected(self, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self._link.connected.wait(), timeout)
+
+    async def wait_for_agents(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until at least ``n`` agents are online (for demos and tests)."""
+        deadline = time.monotonic() + timeout
+        while len([a for a in self.registry.online() if a.available]) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.registry.online())} of {n} agents online")
+            await asyncio.sleep(0.05)
+
+    def _will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(
+            self.topics.coordinator, self._state_message(online=False).to_json(), qos=1, retain=True
+        )
+
+    async def _on_connect(self, link: Link) -> None:
+        self._state_dirty = True
+        # Work dispatched while the broker was away may never have arrived; leases recover
+        # it. Dispatch what is pending now that messages can flow again.
+        self._kick()
+
+    # -- inbound --------------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._submit_topic:
+            self._on_submit(payload)
+            return
+        try:
+            agent_id, channel = self.topics.parse_agent(topic)
+        except ProtocolError:
+            self.rejected["bad_topic"] += 1
+            return
+        if len(payload) > self.config.max_payload_bytes:
+            self.rejected["too_large"] += 1
+            logger.warning("dropped %d-byte %s message from %s", len(payload), channel, agent_id)
+            return
+        if channel == "results":
+            self._on_result(agent_id, payload)
+        elif channel == "heartbeat":
+            self._on_heartbeat(agent_id, payload)
+        elif channel == "state":
+            self._on_state(agent_id, payload)
+
+    def _on_state(self, agent_id: str, payload: bytes) -> None:
+        if not payload:  # a cleared retained message
+            return
+        try:
+            msg = AgentState.from_json(payload)
+        except ProtocolError as e:
+            self._count_reject("malformed_state", agent_id, e)
+            return
+        if msg.agent_id != agent_id:
+            self._count_reject("forged_state", agent_id, msg.agent_id)
+            return
+        rec, what = self.registry.apply_state(msg)
+        if what in ("born", "reborn"):
+            logger.info(
+                "agent %s online (seq %d, %d slots, models %s)",
+                agent_id,
+                msg.seq,
+                rec.slots if rec else 0,
+                sorted(rec.models) if rec else [],
+            )
+            if what == "reborn" and rec is not None and rec.in_flight:
+                # A new session: what the old one was running is gone.
+                self._requeue_agent(rec, "agent restarted", count_attempt=False)
+            self._state_dirty = True
+            self._kick()
+        elif what == "died" and rec is not None:
+            logger.warning("agent %s offline (%s)", agent_id, msg.reason or "death message")
+            self._requeue_agent(rec, f"agent offline: {msg.reason or 'death'}")
+            self._state_dirty = True
+
+    def _on_heartbeat(self, agent_id: str, payload: bytes) -> None:
+        try:
+            hb = Heartbeat.from_json(payload)
+        except ProtocolError as e:
+            self._count_reject("malformed_heartbeat", agent_id, e)
+            return
+        if hb.agent_id != agent_id:
+            self._count_reject("forged_heartbeat", agent_id, hb.agent_id)
+            return
+        rec = self.registry.agents.get(agent_id)
+        was_draining = rec.draining if rec else False
+        if self.registry.apply_heartbeat(hb) is not None and was_draining != hb.draining:
+            self._kick()
+
+    def _on_result(self, agent_id: str, payload: bytes) -> None:
+        try:
+            msg = TaskResult.from_json(payload)
+        except ProtocolError as e:
+            self._count_reject("malformed_result", agent_id, e)
+            return
+        agent = self.registry.agents.get(agent_id)
+        if msg.agent_id != agent_id or agent is None:
+            self._count_reject("forged_result", agent_id, msg.agent_id)
+            return
+        agent.last_seen = time.monotonic()
+        task = self._find_task(msg.job_id, msg.task_id)
+        if task is None or not self.ledger.is_current(task, msg.attempt, agent_id):
+            # A superseded attempt, a duplicate, or a job that already ended.
+            self.rejected["stale_result"] += 1
+            return
+        job = task.job
+        if msg.ok:
+            try:
+                outputs = decode_tensors(msg.outputs)
+                self._check_outputs(task, outputs)
+            except OffloadError as e:
+                self._count_reject("bad_result", agent_id, e)
+                self._retry(task, agent, "bad_result", e.message)
+                return
+            self._observe(agent, task, msg)
+            self.ledger.complete(task, agent, outputs)
+            agent.completed += 1
+            if job.done == len(job.tasks):
+                self._finish(job)
+        else:
+            err = msg.error or ErrorInfo(code="internal", message="no error given")
+            handback = err.code in ("draining", "no_capacity")
+            self._retry(task, agent, err.code, err.message, count_attempt=not handback)
+        self._kick()
+
+    def _check_outputs(self, task: Microtask, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
+        info = self.registry.model_info(task.job.spec.model)
+        if info is not None and set(outputs) != {o.name for o in info.outputs}:
+            raise ProtocolError(
+                f"outputs {sorted(outputs)} do not match the model's", code="bad_input"
+            )
+        for name, arr in outputs.items():
+            if arr.ndim == 0 or arr.shape[0] != task.samples:
+                raise ProtocolError(
+                    f"output {name!r} has shape {list(arr.shape)}, expected {task.samples} rows",
+                    code="bad_input",
+                )
+
+    def _observe(self, agent: AgentRecord, task: Microtask, msg: TaskResult) -> None:
+        """Refine the agent's cost model and link estimate from one result."""
+        cost = agent.costs.get(task.job.spec.model)
+        if cost is not None and msg.exec_ms > 0:
+            cost.observe(task.samples, msg.exec_ms)
+        rtt_ms = (time.monotonic() - task.dispatched_at) * 1000
+        transfer = max(rtt_ms - msg.exec_ms - msg.queued_ms, 0.01)
+        agent.latency_ms += 0.2 * (transfer - agent.latency_ms)
+        agent.exec_ms_avg += 0.2 * (max(msg.exec_ms, 0.01) - agent.exec_ms_avg)
+
+    def _find_task(self, job_id: str, task_id: str) -> Microtask | None:
+        job = self.ledger.jobs.get(job_id)
+        prefix, _, index = task_id.rpartition(".")
+        if job is None or prefix != job_id or not index.isdigit():
+            return None
+        i = int(index)
+        return job.tasks[i] if i < len(job.tasks) else None
+
+    def _count_reject(self, reason: str, agent_id: str, detail: object) -> None:
+        self.rejected[reason] += 1
+        logger.warning("rejected %s from %s: %s", reason.replace("_", " "), agent_id, detail)
+
+    # -- job intake -----------------------------------------------------------------------------
+    def _on_submit(self, payload: bytes) -> None:
+        if len(payload) > self.config.max_payload_bytes:
+            self._reject(
+                payload,
+                "too_large",
+                f"job payload of {len(payload)} bytes exceeds the limit of "
+                f"{self.config.max_payload_bytes} bytes",
+            )
+            return
+        try:
+            spec = InferenceJob.from_json(payload)
+        except ProtocolError as e:
+            self._reject(payload, "malformed", e.message)
+            return
+        if spec.job_id in self.ledger.jobs:
+            # QoS 1 redelivery or a client retry: submission is idempotent per job id.
+            self.rejected["duplicate_job"] += 1
+            logger.info("job %s submitted again; ignored", spec.job_id)
+            return
+        try:
+            self.submit(spec)
+        except OffloadError as e:
+            self._reject(payload, e.code, e.message, job_id=spec.job_id, client_id=spec.client_id)
+
+    def submit(
+        self,
+        spec: InferenceJob,
+        arrays: Mapping[str, np.ndarray[Any, Any]] | None = None,
+        *,
+        publish_result: bool = True,
+        future: asyncio.Future[JobOutput] | None = None,
+    ) -> Job:
+        """Validate, split and queue a job. Raises :class:`OffloadError` if it is refused.
+
+        ``arrays`` replaces ``spec.inputs`` for in-process callers (no encoding needed).
+        """
+        info = self.registry.model_info(spec.model)
+        if info is None:
+            known = ", ".join(self.registry.known_models()) or "none"
+            raise OffloadError(
+                f"no agent in the fleet has model {spec.model!r} (available: {known})",
+                code="unknown_model",
+            )
+        arrays = dict(arrays) if arrays is not None else decode_tensors(spec.inputs)
+        if not arrays or not all(
+            isinstance(a, np.ndarray) and a.ndim >= 1 for a in arrays.values()
+        ):
+            raise OffloadError("inputs must be arrays with a batch axis", code="bad_input")
+        info.check_inputs({n: (a.dtype.name, a.shape) for n, a in arrays.items()})
+        sizes = {a.shape[0] for a in arrays.values()}
+        if len(sizes) != 1:
+            counts = {n: a.shape[0] for n, a in arrays.items()}
+            raise OffloadError(
+                f"inputs disagree on the number of samples: {counts}", code="bad_input"
+            )
+        n = sizes.pop()
+        if n == 0:
+            raise OffloadError("job has no samples", code="bad_input")
+        policy = spec.policy or self.config.policy
+        job = Job(
+            spec=spec,
+            arrays=arrays,
+            batch_size=min(spec.batch_size or self._choose_batch(spec.model, n), n),
+            policy=policy,
+            client_id=spec.client_id,
+            future=future,
+            publish_result=publish_result,
+        )
+        job.split()
+        self.ledger.add(job)
+        self._jobs_order.append(job.job_id)
+        self._forget_old_jobs()
+        logger.info(
+            "job %s: %d samples of %s in %d microtasks of %d (%s)",
+            job.job_id,
+            n,
+            spec.model,
+            len(job.tasks),
+            job.batch_size,
+            policy,
+        )
+        if publish_result:
+            self._publish_status(job, "accepted")
+        self._state_dirty = True
+        self._kick()
+        return job
+
+    # -- in-process SDK -------------------------------------------------------------------------
+    def submit_arrays(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]] | np.ndarray[Any, Any],
+        *,
+        batch_size: int | None = None,
+        policy: PolicyName | None = None,
+        priority: int = 0,
+        job_id: str | None = None,
+    ) -> JobHandle:
+        """Submit a job from this process (no broker hop to the coordinator).
+
+        Raises :class:`protocol.JobError` at once if the job is refused.
+        """
+        if isinstance(inputs, np.ndarray):
+            inputs = {"input": inputs}
+        self._job_counter += 1
+        job_id = job_id or f"{self.config.client_id}-{self._job_counter}"
+        if job_id in self.ledger.jobs:
+            raise JobError(
+                f"job id {job_id!r} is already in use", job_id=job_id, code="bad_request"
+            )
+        try:
+            spec = InferenceJob(
+                job_id=job_id,
+                model=model,
+                inputs={},
+                batch_size=batch_size,
+                policy=policy,
+                priority=priority,
+            )
+            assert self._loop is not None, "use 'async with Coordinator(...)'"
+            future: asyncio.Future[JobOutput] = self._loop.create_future()
+            self.submit(spec, inputs, publish_result=False, future=future)
+        except OffloadError as e:
+            self.rejected[f"job_{e.code}"] += 1
+            raise JobError(e.message, job_id=job_id, code=e.code) from None
+        except ValidationError as e:
+            raise JobError(summarize(e), job_id=job_id, code="bad_request") from None
+        return JobHandle(job_id, future)
+
+    async def run(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]] | np.ndarray[Any, Any],
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> JobOutput:
+        """Submit from this process and wait for the outputs."""
+        return await self.submit_arrays(model, inputs, **options).result(timeout)
+
+    def _choose_batch(self, model: str, n: int) -> int:
+        """Samples per microtask so one takes ``target_task_ms`` on a typical capable agent,
+        but at least ``min_tasks_per_slot`` microtasks per slot of the fleet."""
+        agents = [a for a in self.registry.online() if a.available and a.has_model(model)]
+        per_sample = sorted(a.costs[model].per_sample_ms for a in agents)
+        slots = sum(a.slots for a in agents) or 1
+        by_time = self.config.target_task_ms / per_sample[len(per_sample) // 2] if per_sample else n
+        by_balance = math.ceil(n / (slots * self.config.min_tasks_per_slot))
+        return max(1, min(int(by_time), by_balance))
+
+    def _reject(
+        self,
+        payload: bytes,
+        code: ErrorCode,
+        message: str,
+        *,
+        job_id: str | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.rejected[f"job_{code}"] += 1
+        if job_id is None and (m := _JOB_ID_RE.search(payload)):
+            job_id = m.group(1).decode()
+        if client_id is None and (m := _CLIENT_ID_RE.search(payload)):
+            client_id = m.group(1).decode()
+        logger.warning("job %s rejected: [%s] %s", job_id or "<no id>", code, message)
+        error = ErrorInfo(code=code, message=message[:2000])
+        now = time.time()
+        self._link.publish_nowait(
+            self.topics.rejected,
+            Rejection(error=error, payload_bytes=len(payload), job_id=job_id, ts=now).to_json(),
+        )
+        if job_id is not None and job_id not in self.ledger.jobs:
+            result = JobResult(job_id=job_id, ok=False, error=error).to_json()
+            self._link.publish_nowait(self.topics.result(job_id), result)
+            if client_id is not None:
+                self._link.publish_nowait(self.topics.replies(client_id), result)
+            status = JobStatus(job_id=job_id, state="failed", error=error, ts=now)
+            self._link.publish_nowait(self.topics.status(job_id), status.to_json())
+
+    def _forget_old_jobs(self) -> None:
+        while len(self._jobs_order) > JOBS_KEPT:
+            job = self.ledger.jobs.get(self._jobs_order[0])
+            if job is not None and not job.terminal:
+                break
+            self._jobs_order.pop(0)
+            if job is not None:
+                del self.ledger.jobs[job.job_id]
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _kick(self) -> None:
+        """Run a dispatch round soon; many events in one loop iteration share one round."""
+        if not self._dispatch_scheduled and self._loop is not None:
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self._dispatch)
+
+    def credit(self, agent: AgentRecord) -> int:
+        """Microtasks ``agent`` can take now: enough to cover its round trip, no more."""
+        per_slot = self.config.prefetch_per_slot
+        if agent.exec_ms_avg > 0:
+            per_slot = max(per_slot, math.ceil(agent.latency_ms / agent.exec_ms_avg) + 1)
+        return agent.slots * min(per_slot, MAX_PREFETCH_PER_SLOT) - len(agent.in_flight)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if not self._link.connected.is_set():
+            return
+        jobs = sorted(
+            (j for j in self.ledger.jobs.values() if j.pending and not j.terminal),
+            key=lambda j: (-j.spec.priority, j.submitted),
+        )
+        for job in jobs:
+            model = job.spec.model
+            candidates = sorted(
+                (a for a in self.registry.agents.values() if a.available and a.has_model(model)),
+                key=lambda a: a.agent_id,
+            )
+            if not candidates:
+                continue
+            policy = self._policy(job.policy)
+            backlog = self._backlog_ms(job, candidates)
+            while job.pending:
+                task = job.pending[0]
+                nbytes = task.samples * job.bytes_per_sample
+                ctx = Placement(credit=self.credit, payload_bytes=nbytes, backlog_ms=backlog)
+                agent = policy.choose(task, candidates, ctx)
+                if agent is None or self.credit(agent) <= 0:
+                    break
+                job.pending.popleft()
+                self._send(task, agent, nbytes)
+
+    def _send(self, task: Microtask, agent: AgentRecord, nbytes: int) -> None:
+        finish_ms = estimate_finish_ms(agent, task, nbytes)
+        lease_s = max(self.config.lease_min_s, self.config.lease_factor * finish_ms / 1000)
+        est_ms = agent.costs[task.job.spec.model].estimate(task.samples)
+        msg = self.ledger.dispatch(task, agent, lease_s=lease_s, est_ms=est_ms)
+        self._link.publish_nowait(self.topics.tasks(agent.agent_id), msg.to_json(), qos=1)
+
+    def _backlog_ms(self, job: Job, candidates: list[AgentRecord]) -> float:
+        """Time for ``candidates`` to get through this job's pending and in-flight samples."""
+        model = job.spec.model
+        rate = sum(a.slots / a.costs[model].per_sample_ms for a in candidates)  # samples/ms
+        pending = sum(t.samples for t in job.pending)
+        in_flight = sum(t.samples for a in candidates for t in a.in_flight.values())
+        return (pending + in_flight) / rate if rate > 0 else 0.0
+
+    def _policy(self, name: str) -> Policy:
+        if name not in self._policies:
+            self._policies[name] = make_policy(name)
+        return self._policies[name]
+
+    def _retry(
+        self,
+        task: Microtask,
+        agent: AgentRecord | None,
+        code: str,
+        message: str,
+        *,
+        count_attempt: bool = True,
+    ) -> None:
+        job = task.job
+        requeued = self.ledger.retry(task, agent, code, message, count_attempt=count_attempt)
+        if not requeued and job.error is not None and not job.terminal:
+            self._finish(job)
+
+    def _requeue_agent(
+        self, agent: AgentRecord, reason: str, *, count_attempt: bool = True
+    ) -> None:
+        tasks = list(agent.in_flight.values())
+        if tasks:
+            logger.warning(
+                "agent %s: re-dispatching %d microtasks (%s): %s",
+                agent.agent_id,
+                len(tasks),
+                reason,
+                ", ".join(t.task_id for t in tasks[:20]),
+            )
+        for task in tasks:
+            self._retry(task, agent, "agent_lost", reason, count_attempt=count_attempt)
+        self._kick()
+
+    # -- completion -----------------------------------------------------------------------------
+    def _finish(self, job: Job) -> None:
+        job.finished = time.monotonic()
+        elapsed = job.finished - job.submitted
+        outputs: dict[str, np.ndarray[Any, Any]] = {}
+        if job.finished_ok:
+            outputs = job.assemble()
+            result = JobResult(
+                job_id=job.job_id,
+                ok=True,
+                model=job.spec.model,
+                samples=job.samples,
+                tasks=len(job.tasks),
+                batch_size=job.batch_size,
+                elapsed_s=elapsed,
+                retries=job.retries,
+                per_agent={
+                    a: AgentShare(samples=s, tasks=job.per_agent_tasks[a])
+                    for a, s in sorted(job.per_agent.items())
+                },
+            )
+            logger.info(
+                "job %s done: %d samples in %.3fs, %d retries",
+                job.job_id,
+                job.samples,
+                elapsed,
+                job.retries,
+            )
+        else:
+            for task in self.ledger.cancel_job(job, self.registry.agents):
+                self._link.publish_nowait(
+                    self.topics.tasks(task.agent_id or ""),
+                    CancelTask(task_id=task.task_id, attempt=task.attempt).to_json(),
+                )
+            result = JobResult(
+                job_id=job.job_id,
+                ok=False,
+                model=job.spec.model,
+                error=job.error,
+                elapsed_s=elapsed,
+                retries=job.retries,
+            )
+            logger.error("job %s failed: %s", job.job_id, job.error.message if job.error else "?")
+        if job.future is not None and not job.future.done():
+            if job.finished_ok:
+                job.future.set_result(JobOutput(job_id=job.job_id, outputs=outputs, result=result))
+            else:
+                err = result.error
+                job.future.set_exception(
+                    JobError(
+                        err.message if err else "job failed",
+                        job_id=job.job_id,
+                        code=err.code if err else "internal",
+                    )
+                )
+        if job.publish_result:
+            if job.finished_ok:
+                result = result.model_copy(update={"outputs": encode_arrays(outputs)})
+            payload = result.to_json()
+            self._link.publish_nowait(self.topics.result(job.job_id), payload)
+            if job.client_id is not None:
+                self._link.publish_nowait(self.topics.replies(job.client_id), payload)
+        self._publish_status(job, "done" if job.finished_ok else "failed")
+        # Inputs and per-microtask outputs are no longer needed; the summary stays.
+        job.arrays = {}
+        job.outputs = []
+        self._state_dirty = True
+
+    def _publish_status(self, job: Job, state: Any) -> None:
+        status = JobStatus(
+            job_id=job.job_id,
+            state=state,
+            tasks_total=len(job.tasks),
+            tasks_done=job.done,
+            samples_total=job.samples,
+            samples_done=sum(job.per_agent.values()),
+            error=job.error,
+            ts=time.time(),
+        )
+        self._link.publish_nowait(self.topics.status(job.job_id), status.to_json())
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        last_status = last_state = 0.0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            now = time.monotonic()
+            for task in self.ledger.expired(now):
+                old = self.registry.agents.get(task.agent_id or "")
+                logger.warning(
+                    "microtask %s attempt %d: lease expired on %s",
+                    task.task_id,
+                    task.attempt,
+                    task.agent_id,
+                )
+                self._link.publish_nowait(
+                    self.topics.tasks(task.agent_id or ""),
+                    CancelTask(task_id=task.task_id, attempt=task.attempt).to_json(),
+                )
+                self._retry(task, old, "lease_expired", "no result before the lease expired")
+                self._kick()
+            for agent in self.registry.silent(self.config.dead_after_s):
+                logger.warning(
+                    "agent %s silent for %.0fs: treated as dead",
+                    agent.agent_id,
+                    self.config.dead_after_s,
+                )
+                agent.online = False
+                self._requeue_agent(agent, "agent silent")
+                self._state_dirty = True
+            if now - last_status >= self.config.status_interval_s:
+                last_status = now
+                for job in self.ledger.jobs.values():
+                    if not job.terminal and job.done:
+                        self._publish_status(job, "running")
+            if self._state_dirty and now - last_state >= 1.0 and self._link.connected.is_set():
+                last_state = now
+                self._state_dirty = False
+                self._link.publish_nowait(
+                    self.topics.coordinator,
+                    self._state_message(online=True).to_json(),
+                    retain=True,
+                )
+
+    def _state_message(self, *, online: bool) -> CoordinatorState:
+        now = time.monotonic()
+        jobs = []
+        for job in list(self.ledger.jobs.values())[-50:]:
+            state = (
+                ("done" if job.finished_ok else "failed")
+                if job.terminal
+                else (
+                    "running"
+                    if job.done or any(t.state is TaskState.RUNNING for t in job.tasks)
+                    else "accepted"
+                )
+            )
+            jobs.append(
+                JobSummary(
+                    job_id=job.job_id,
+                    state=state,
+                    model=job.spec.model,
+                    policy=job.policy,
+                    samples=job.samples,
+                    tasks_total=len(job.tasks),
+                    tasks_done=job.done,
+                    retries=job.retries,
+                    elapsed_s=(job.finished or now) - job.submitted,
+                    error=job.error,
+                )
+            )
+        return CoordinatorState(
+            online=online, ts=time.time(), agents_online=len(self.registry.online()), jobs=jobs
+        )

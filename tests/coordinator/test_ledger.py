@@ -1,0 +1,111 @@
+"""Microtask state transitions: exactly one result per microtask, bounded attempts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.ledger import Job, Ledger, TaskState
+from coordinator.policies import EarliestFinish, Placement, RoundRobin
+from coordinator.registry import AgentRecord
+from protocol import InferenceJob, ModelInfo, TensorSpec, encode_arrays
+from tests.coordinator.test_registry import caps
+
+
+def model(cost_per_sample_ms: float) -> ModelInfo:
+    return ModelInfo(
+        id="m",
+        sha256="0" * 64,
+        size=1,
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[None, 2])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=[None, 2])],
+        cost=[(1, cost_per_sample_ms), (100, 100 * cost_per_sample_ms)],
+    )
+
+
+def agent(agent_id: str, per_sample_ms: float, slots: int = 1) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id, seq=1, capabilities=caps(slots=slots, models=[model(per_sample_ms)])
+    )
+
+
+def job(n: int = 10, batch: int = 2) -> Job:
+    x = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    spec = InferenceJob(job_id="j", model="m", inputs=encode_arrays({"x": x}))
+    j = Job(spec=spec, arrays={"x": x}, batch_size=batch, policy="earliest_finish")
+    j.split()
+    return j
+
+
+def test_split_covers_every_sample_once_in_order() -> None:
+    j = job(n=11, batch=3)
+    assert [(t.start, t.stop) for t in j.tasks] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert np.array_equal(j.inputs_for(j.tasks[3])["x"].to_array(), j.arrays["x"][9:11])
+
+
+def test_only_the_current_attempt_on_the_leaseholder_counts() -> None:
+    ledger = Ledger(max_attempts=3)
+    j = job()
+    ledger.add(j)
+    a, b = agent("a", 0.01), agent("b", 0.01)
+    t = j.pending.popleft()
+    msg = ledger.dispatch(t, a, lease_s=0.0, est_ms=1.0)
+    assert (msg.attempt, t.state, list(a.in_flight)) == (1, TaskState.RUNNING, [t.task_id])
+    # the lease runs out: the task goes back with its next attempt elsewhere
+    assert ledger.expired(now=t.lease_until + 1) == [t]
+    assert ledger.retry(t, a, "lease_expired", "late")
+    assert a.in_flight == {} and j.pending[0] is t
+    j.pending.popleft()
+    assert ledger.dispatch(t, b, lease_s=10, est_ms=1.0).attempt == 2
+    assert not ledger.is_current(t, 1, "a"), "the superseded attempt's late result is dropped"
+    assert not ledger.is_current(t, 2, "a"), "only the leaseholder may answer"
+    assert ledger.is_current(t, 2, "b")
+    ledger.complete(t, b, {"y": np.zeros((2, 2), np.float32)})
+    assert not ledger.is_current(t, 2, "b"), "a duplicate of the accepted result is dropped"
+    assert j.done == 1 and j.per_agent == {"b": 2}
+
+
+def test_attempts_are_bounded_and_the_failure_names_task_agents_and_reasons() -> None:
+    ledger = Ledger(max_attempts=2)
+    j = job()
+    t = j.pending.popleft()
+    a = agent("a", 0.01)
+    ledger.dispatch(t, a, lease_s=10, est_ms=1)
+    # a hand-back from a draining agent does not use up an attempt
+    assert ledger.retry(t, a, "draining", "bye", count_attempt=False)
+    for _ in range(2):
+        j.pending.popleft()
+        ledger.dispatch(t, a, lease_s=10, est_ms=1)
+        requeued = ledger.retry(t, a, "execution_failed", "boom")
+    assert not requeued and t.state is TaskState.FAILED
+    assert j.error is not None and j.error.code == "exhausted"
+    assert "j.0" in j.error.message and "attempt on a: [execution_failed] boom" in j.error.message
+
+
+def test_earliest_finish_prefers_the_fast_agent_and_uses_the_slow_one_only_within_backlog() -> None:
+    fast, slow = agent("fast", 0.01), agent("slow", 0.04)
+    j = job(n=100, batch=10)
+    t = j.tasks[0]
+    credit = {fast: 1, slow: 1}
+    ctx = Placement(credit=lambda a: credit[a], payload_bytes=80, backlog_ms=0.0)
+    policy = EarliestFinish()
+    assert policy.choose(t, [fast, slow], ctx) is fast
+    credit[fast] = 0
+    fast.queued_ms = 0.2  # two tasks queued on the fast agent
+    # near the end of the job the slow agent would only delay it: wait for the fast one
+    assert policy.choose(t, [fast, slow], ctx) is fast
+    # plenty of work left: the slow agent finishes this one within the horizon
+    busy = Placement(credit=lambda a: credit[a], payload_bytes=80, backlog_ms=50.0)
+    assert policy.choose(t, [fast, slow], busy) is slow
+
+
+def test_round_robin_takes_turns_even_when_an_agent_is_faster() -> None:
+    fast, slow = agent("fast", 0.01), agent("slow", 0.04)
+    ctx = Placement(credit=lambda a: 1, payload_bytes=0, backlog_ms=0.0)
+    rr = RoundRobin()
+    t = job().tasks[0]
+    assert [rr.choose(t, [fast, slow], ctx).agent_id for _ in range(4)] == [  # type: ignore[union-attr]
+        "fast",
+        "slow",
+        "fast",
+        "slow",
+    ]
