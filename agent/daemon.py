@@ -7,11 +7,11 @@ import contextlib
 import logging
 import os
 import platform
+import queue
 import socket
 import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,10 @@ class _Active:
     received: float
     run_options: ort.RunOptions = field(default_factory=ort.RunOptions)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    future: Future[bytes] | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task.task_id, self.task.attempt)
 
 
 @dataclass
@@ -84,7 +87,13 @@ class Agent:
         self.stats = AgentStats()
         self._store: ModelStore | None = None
         self._capabilities: Capabilities | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        # Microtasks go to ``slots`` worker threads through a SimpleQueue; finished ones
+        # come back through a deque with one loop wake-up per batch, not one per result.
+        self._work: queue.SimpleQueue[_Active | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._finished: deque[tuple[_Active, bytes]] = deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
         self._active: dict[tuple[str, int], _Active] = {}
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._pending_results: list[tuple[str, bytes]] = []
@@ -110,9 +119,14 @@ class Agent:
     async def __aenter__(self) -> Agent:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._prepare)
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.config.slots, thread_name_prefix=f"agent-{self.config.agent_id}"
-        )
+        self._workers = [
+            threading.Thread(
+                target=self._worker, name=f"agent-{self.config.agent_id}-slot{i}", daemon=True
+            )
+            for i in range(self.config.slots)
+        ]
+        for w in self._workers:
+            w.start()
         self._tasks = [
             asyncio.create_task(self._link.run(), name="agent-link"),
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
@@ -129,12 +143,14 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
-        if self._pool is not None:
+        if self._workers:
             for a in self._active.values():
                 a.cancelled.set()
                 a.run_options.terminate = True
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+            for _ in self._workers:
+                self._work.put(None)
+            workers, self._workers = self._workers, []
+            await asyncio.to_thread(lambda: [w.join() for w in workers])
         self._stopped.set()
         s = self.stats
         logger.info(
@@ -247,11 +263,10 @@ class Agent:
         if pending:
             logger.info("published %d results kept while disconnected", len(pending))
 
-    def _on_message(self, message: aiomqtt.Message) -> None:
-        payload = message.payload
+    def _on_message(self, topic: str, payload: bytes) -> None:
         # Brokers are not always right about routing (amqtt 0.12 replays other clients'
         # retained messages on connect): only the agent's own tasks topic is obeyed.
-        if message.topic.value != self._tasks_topic or not isinstance(payload, bytes | bytearray):
+        if topic != self._tasks_topic:
             self.stats.rejected += 1
             return
         received = time.monotonic()
@@ -264,7 +279,7 @@ class Agent:
             )
             return
         try:
-            msg = parse_task(bytes(payload))
+            msg = parse_task(payload)
         except ProtocolError as e:
             self.stats.rejected += 1
             logger.warning("malformed task message refused: %s", e)
@@ -292,9 +307,7 @@ class Agent:
         active = _Active(task=task, received=received)
         self._active[key] = active
         self._idle.clear()
-        assert self._pool is not None
-        active.future = self._pool.submit(self._execute, active)
-        active.future.add_done_callback(lambda f, k=key: self._done_threadsafe(k, f))
+        self._work.put(active)
 
     def _remember(self, key: tuple[str, int]) -> None:
         self._seen[key] = None
@@ -306,10 +319,8 @@ class Agent:
         if active is None:
             self._remember((msg.task_id, msg.attempt))  # a late RunTask must not start
             return
-        active.cancelled.set()
-        active.run_options.terminate = True  # stops a running onnxruntime call
-        if active.future is not None:
-            active.future.cancel()
+        active.cancelled.set()  # a queued task is skipped by its worker
+        active.run_options.terminate = True  # a running onnxruntime call stops
         self.stats.cancelled += 1
 
     def _execute(self, active: _Active) -> bytes:
@@ -374,24 +385,31 @@ class Agent:
         self.stats.failed += 1
         self._publish_result(self._error_result(task, code, message).to_json())
 
-    def _done_threadsafe(self, key: tuple[str, int], future: Future[bytes]) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._done, key, future)
+    def _worker(self) -> None:
+        """One slot: take microtasks until told to stop; never runs on the event loop."""
+        while (active := self._work.get()) is not None:
+            payload = b"" if active.cancelled.is_set() else self._execute(active)
+            self._finished.append((active, payload))
+            with self._wake_lock:
+                wake, self._wake_pending = not self._wake_pending, True
+            if wake:
+                assert self._loop is not None
+                with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                    self._loop.call_soon_threadsafe(self._collect)
 
-    def _done(self, key: tuple[str, int], future: Future[bytes]) -> None:
-        active = self._active.pop(key, None)
+    def _collect(self) -> None:
+        """On the event loop: publish every finished microtask's result."""
+        with self._wake_lock:
+            self._wake_pending = False
+        while self._finished:
+            active, payload = self._finished.popleft()
+            self._active.pop(active.key, None)
+            if active.cancelled.is_set() or not payload:
+                continue
+            self.stats.completed += 1
+            self._publish_result(payload)
         if not self._active:
             self._idle.set()
-        if active is None or future.cancelled() or active.cancelled.is_set():
-            return
-        exc = future.exception()
-        if exc is not None:  # _execute catches everything; this is a bug guard
-            logger.error("microtask %s crashed: %r", key[0], exc)
-            return
-        payload = future.result()
-        self.stats.completed += 1
-        self._publish_result(payload)
 
     def _publish_result(self, payload: bytes) -> None:
         topic = self.topics.results(self.config.agent_id)

@@ -1,8 +1,10 @@
-"""Core benchmarks: round trip, trivial microtask throughput, and a large job against raw onnxruntime.
+"""Core benchmark: round trip, trivial microtask throughput, large job vs raw onnxruntime.
 
-Everything runs as real processes on this machine: Mosquitto, one coordinator process,
-two agent processes (one slot each) and this process as the SDK client. Prints a table;
-asserts nothing. Usage: python bench/bench_core.py [--quick]
+Real processes on this machine: Mosquitto and two agent processes (one slot each). The
+SDK figures use the in-process SDK (``Coordinator.run``: this process is the coordinator);
+the remote-client figures add a separate coordinator process and ``OffloadClient``, i.e.
+two more broker hops. Prints a table; asserts nothing.
+Usage: python bench/bench_core.py [--quick]
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coordinator import OffloadClient
+from coordinator import Coordinator, CoordinatorConfig, OffloadClient
 from coordinator.broker import LocalBroker
-from protocol import BrokerAddress
+from protocol import BrokerAddress, JobError
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "digits_mlp.onnx"
@@ -36,10 +38,12 @@ def digits() -> np.ndarray[Any, Any]:
 
 
 @contextlib.contextmanager
-def fleet(address: BrokerAddress, n_agents: int = 2, *coord_args: str) -> Iterator[None]:
+def processes(address: BrokerAddress, *, agents: int, coordinator: bool) -> Iterator[None]:
     py = [sys.executable, "-m", "coordinator.cli", "--log-level", "WARNING"]
-    procs = [subprocess.Popen([*py, "coordinator", "--broker", address.url, *coord_args])]
-    for i in range(n_agents):
+    procs = []
+    if coordinator:
+        procs.append(subprocess.Popen([*py, "coordinator", "--broker", address.url]))
+    for i in range(agents):
         procs.append(
             subprocess.Popen(
                 [*py, "agent", "--broker", address.url, "--id", f"bench-{i}", "--slots", "1"]
@@ -57,46 +61,15 @@ def fleet(address: BrokerAddress, n_agents: int = 2, *coord_args: str) -> Iterat
                 p.kill()
 
 
-async def wait_fleet(client: OffloadClient, x: np.ndarray[Any, Any], n: int) -> None:
-    """Until a job runs and both agents are known (births are retained)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        agents = await client.agents(wait=0.2)
-        if sum(1 for a in agents.values() if a.online) >= n:
-            with contextlib.suppress(Exception):
-                await client.run("digits-mlp", {"input": x[:4]}, timeout=5)
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError("fleet did not come up")
-
-
-async def round_trip(
-    client: OffloadClient, x: np.ndarray[Any, Any], n: int
-) -> np.ndarray[Any, Any]:
-    one = {"input": x[:1]}
-    for _ in range(200):  # warm-up
-        await client.run("digits-mlp", one, timeout=10)
+async def latencies(run: Callable[[], Awaitable[Any]], n: int) -> np.ndarray[Any, Any]:
+    for _ in range(300):  # warm-up
+        await run()
     lat = np.empty(n)
     for i in range(n):
         t0 = time.perf_counter()
-        await client.run("digits-mlp", one, timeout=10)
+        await run()
         lat[i] = time.perf_counter() - t0
     return lat * 1000
-
-
-async def trivial_throughput(
-    client: OffloadClient, x: np.ndarray[Any, Any], n: int
-) -> tuple[float, Any]:
-    xs = np.resize(x, (n, 64))
-    t0 = time.perf_counter()
-    out = await client.run("digits-mlp", {"input": xs}, batch_size=1, timeout=300)
-    return n / (time.perf_counter() - t0), out.result
-
-
-async def large_job(client: OffloadClient, xs: np.ndarray[Any, Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = await client.run("digits-mlp", {"input": xs}, timeout=300)
-    return len(xs) / (time.perf_counter() - t0), out.result
 
 
 def _raw_worker(xs: np.ndarray[Any, Any], batch: int, q: Any) -> None:
@@ -108,7 +81,6 @@ def _raw_worker(xs: np.ndarray[Any, Any], batch: int, q: Any) -> None:
     s = ort.InferenceSession(str(MODEL), sess_options=so, providers=["CPUExecutionProvider"])
     s.run(None, {"input": xs[:batch]})
     q.put("ready")
-    q.get() if False else None
     t0 = time.perf_counter()
     for i in range(0, len(xs), batch):
         s.run(None, {"input": xs[i : i + batch]})
@@ -130,57 +102,91 @@ def raw_two_processes(xs: np.ndarray[Any, Any], batch: int) -> float:
     return len(xs) / max(times)
 
 
-async def main_async(args: argparse.Namespace, address: BrokerAddress) -> list[tuple[str, str]]:
+def percentiles(lat: np.ndarray[Any, Any]) -> str:
+    return f"p50 {np.percentile(lat, 50):.3f} ms, p99 {np.percentile(lat, 99):.3f} ms"
+
+
+async def in_process(args: argparse.Namespace, address: BrokerAddress) -> list[tuple[str, str]]:
     x = digits()
     rows: list[tuple[str, str]] = []
-    async with OffloadClient(address) as client:
-        await wait_fleet(client, x, 2)
-        lat = await round_trip(client, x, args.rt_n)
+    config = CoordinatorConfig(broker=address, **({"target_task_ms": args.target_ms} if args.target_ms else {}))
+    async with Coordinator(config) as coord:
+        await coord.wait_for_agents(2, timeout=60)
+        one = {"input": x[:1]}
+        lat = await latencies(lambda: coord.run("digits-mlp", one, timeout=10), args.rt_n)
         rows.append(
             (
-                "round trip p50 (SDK -> coordinator -> agent -> SDK, 1 sample)",
-                f"{np.percentile(lat, 50):.3f} ms  (target <= 0.9)",
+                "round trip, SDK -> agent -> result (1 sample)",
+                f"{percentiles(lat)}  (targets p50 <= 0.9, p99 <= 1.5)",
             )
         )
-        rows.append(("round trip p99", f"{np.percentile(lat, 99):.3f} ms  (target <= 1.5)"))
-        tput, res = await trivial_throughput(client, x, args.trivial_n)
+
+        xs = np.resize(x, (args.trivial_n, 64))
+        t0 = time.perf_counter()
+        out = await coord.run("digits-mlp", {"input": xs}, batch_size=1, timeout=300)
+        tput = args.trivial_n / (time.perf_counter() - t0)
+        shares = ", ".join(f"{a} {s.tasks}" for a, s in out.result.per_agent.items())
         rows.append(
             (
-                f"trivial microtasks/s ({args.trivial_n:,} at once, QoS 1, 2 agents)",
-                f"{tput:,.0f}/s  (target >= 3,000)  shares "
-                + ", ".join(f"{a}={s.tasks}" for a, s in res.per_agent.items()),
+                f"trivial microtasks ({args.trivial_n:,} at once, QoS 1, 2 agents)",
+                f"{tput:,.0f}/s  (target >= 3,000; {shares})",
             )
         )
+
         xs = np.tile(x, (args.large_reps, 1))
-        ours, res = await large_job(client, xs)
-        raw = raw_two_processes(xs, res.batch_size)
+        t0 = time.perf_counter()
+        out = await coord.run("digits-mlp", {"input": xs}, timeout=300)
+        ours = len(xs) / (time.perf_counter() - t0)
+        r = out.result
+        raw = raw_two_processes(xs, r.batch_size)
         rows.append(
             (
-                f"large job samples/s ({len(xs):,} digits, {res.tasks} microtasks of "
-                f"{res.batch_size})",
-                f"{ours:,.0f}/s",
+                f"large job ({len(xs):,} digits, {r.tasks} microtasks of {r.batch_size})",
+                f"{ours:,.0f} samples/s",
             )
         )
-        rows.append(("raw onnxruntime, 2 processes, same batches", f"{raw:,.0f}/s"))
+        rows.append(
+            ("raw onnxruntime, 2 processes, same inputs and batches", f"{raw:,.0f} samples/s")
+        )
         rows.append(("large job / raw", f"{ours / raw:.1%}  (target >= 50%)"))
     return rows
+
+
+async def remote(args: argparse.Namespace, address: BrokerAddress) -> list[tuple[str, str]]:
+    x = digits()
+    one = {"input": x[:1]}
+    async with OffloadClient(address) as client:
+        deadline = time.monotonic() + 60
+        while True:  # until the coordinator process knows both agents
+            with contextlib.suppress(JobError, TimeoutError):
+                out = await client.run("digits-mlp", {"input": x[:8]}, batch_size=4, timeout=5)
+                if len(out.result.per_agent) == 2 or time.monotonic() > deadline:
+                    break
+            await asyncio.sleep(0.2)
+        lat = await latencies(lambda: client.run("digits-mlp", one, timeout=10), args.rt_n)
+    return [
+        ("round trip, remote client -> coordinator -> agent -> client (1 sample)", percentiles(lat))
+    ]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller runs")
+    ap.add_argument("--target-ms", type=float, default=None)
     args = ap.parse_args()
-    args.rt_n = 500 if args.quick else 3000
+    args.rt_n = 1000 if args.quick else 5000
     args.trivial_n = 10_000
     args.large_reps = 50 if args.quick else 200
     with LocalBroker(kind="mosquitto") as broker:
         address = BrokerAddress(host=broker.info.host, port=broker.info.port)
-        with fleet(address):
-            rows = asyncio.run(main_async(args, address))
+        with processes(address, agents=2, coordinator=False):
+            rows = asyncio.run(in_process(args, address))
+        with processes(address, agents=2, coordinator=True):
+            rows += asyncio.run(remote(args, address))
     width = max(len(r[0]) for r in rows)
     print(
-        f"edge-offload core benchmark  ({os.cpu_count()} cores, Mosquitto, "
-        f"1 coordinator + 2 agent processes)"
+        f"edge-offload core benchmark: {os.cpu_count()} cores, Mosquitto, 2 agent processes "
+        f"(1 slot each), digits-mlp"
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

@@ -74,6 +74,7 @@ class Job:
     # In-process submitters wait on this; MQTT submitters get the result topic instead.
     future: asyncio.Future[JobOutput] | None = None
     publish_result: bool = True
+    output_names: frozenset[str] = frozenset()
 
     @property
     def job_id(self) -> str:
@@ -133,12 +134,19 @@ class Ledger:
     def __init__(self, *, max_attempts: int) -> None:
         self.max_attempts = max_attempts
         self.jobs: dict[str, Job] = {}
+        # Jobs not finished yet, in submission order: what the dispatcher looks at.
+        self.active: dict[str, Job] = {}
         # heap of (lease_until, attempt, task_id, task)
         self._leases: list[tuple[float, int, str, Microtask]] = []
         self.counts: Counter[str] = Counter()
 
     def add(self, job: Job) -> None:
         self.jobs[job.job_id] = job
+        self.active[job.job_id] = job
+
+    def finished(self, job: Job) -> None:
+        job.finished = time.monotonic()
+        self.active.pop(job.job_id, None)
 
     def dispatch(
         self, task: Microtask, agent: AgentRecord, *, lease_s: float, est_ms: float
@@ -157,7 +165,8 @@ class Ledger:
         agent.queued_ms += est_ms
         heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
         self.counts["dispatched"] += 1
-        return RunTask(
+        # Built from trusted parts: skip validation on the dispatch hot path.
+        return RunTask.model_construct(
             task_id=task.task_id,
             job_id=task.job.job_id,
             attempt=task.attempt,

@@ -23,19 +23,31 @@ DEFAULT_BYTES_PER_MS = 50_000.0
 
 @dataclass
 class CostModel:
-    """Milliseconds per call for one model on one agent.
+    """Milliseconds per call = ``overhead_ms + per_sample_ms * samples``, one model on one agent.
 
-    The shape comes from the agent's self-benchmark (a fixed per-call overhead plus a
-    per-sample cost); observed executions scale it by an exponentially weighted factor.
-    Scaling, rather than refitting the line, keeps the model sound when a job's
-    microtasks all have the same size (a run of batch-1 tasks cannot tell overhead from
-    per-sample cost), while still following a device that slows down or is shared.
+    Starts from the agent's self-benchmark and is refined from every observed execution by
+    recursive least squares with the benchmark as prior and exponential forgetting. The
+    prior's uncertainty is relative to each parameter, so a run of equal-sized microtasks
+    corrects the parameter that dominates at that size (the overhead for batch 1, the
+    per-sample cost for batch 1,000) without corrupting the other.
     """
 
     overhead_ms: float
-    base_per_sample_ms: float
-    factor: float = 1.0
+    per_sample_ms: float
+    # Covariance of (overhead, per-sample) estimates.
+    p_oo: float = 0.0
+    p_os: float = 0.0
+    p_ss: float = 0.0
     observations: int = 0
+
+    def __post_init__(self) -> None:
+        if self.p_oo == 0.0 and self.p_ss == 0.0:
+            self.p_oo = max(self.overhead_ms, 0.01) ** 2
+            self.p_ss = max(self.per_sample_ms, 1e-6) ** 2
+        # Forgetting inflates the covariance along directions no observation excites
+        # (with equal-sized microtasks, overhead minus per-sample cost); capping it at
+        # the prior keeps that direction from drifting.
+        self._cap = (self.p_oo, self.p_ss)
 
     @classmethod
     def from_info(cls, info: ModelInfo, slowdown: float = 1.0) -> CostModel:
@@ -43,25 +55,38 @@ class CostModel:
         if len(points) >= 2:
             (b1, m1), (b2, m2) = points[0], points[-1]
             per = max((m2 - m1) / (b2 - b1), 1e-6)
-            return cls(overhead_ms=max(m1 - per * b1, 0.0), base_per_sample_ms=per)
+            return cls(overhead_ms=max(m1 - per * b1, 0.0), per_sample_ms=per)
         if points:
             b, m = points[0]
-            return cls(overhead_ms=0.0, base_per_sample_ms=max(m / b, 1e-6))
-        return cls(overhead_ms=1.0, base_per_sample_ms=1.0 * slowdown)  # unmeasured: pessimistic
-
-    @property
-    def per_sample_ms(self) -> float:
-        return self.base_per_sample_ms * self.factor
+            return cls(overhead_ms=0.0, per_sample_ms=max(m / b, 1e-6))
+        return cls(overhead_ms=1.0, per_sample_ms=1.0 * slowdown)  # unmeasured: pessimistic
 
     def estimate(self, samples: int) -> float:
-        return (self.overhead_ms + self.base_per_sample_ms * samples) * self.factor
+        return self.overhead_ms + self.per_sample_ms * samples
 
-    def observe(self, samples: int, exec_ms: float) -> None:
-        """Follow one observed execution of ``samples`` samples that took ``exec_ms``."""
+    def observe(self, samples: int, exec_ms: float, forget: float = 0.97) -> None:
+        """Fold in one execution of ``samples`` samples that took ``exec_ms``."""
         if samples <= 0 or exec_ms <= 0:
             return
-        ratio = exec_ms / (self.overhead_ms + self.base_per_sample_ms * samples)
-        self.factor += EWMA * (min(max(ratio, 0.01), 100.0) - self.factor)
+        b = float(samples)
+        est = self.estimate(samples)
+        err = exec_ms - est
+        # Measurement noise: 20% of the estimate, plus half the squared error itself, so a
+        # one-off stall (a GIL wait, a page fault) barely moves the model while a lasting
+        # change still gets through within a few dozen results.
+        noise = (0.2 * max(est, 0.01)) ** 2 + 0.5 * err * err
+        # P x, and x' P x, for x = (1, b)
+        po = self.p_oo + self.p_os * b
+        ps = self.p_os + self.p_ss * b
+        denom = noise + po + b * ps
+        ko, ks = po / denom, ps / denom
+        self.overhead_ms = max(self.overhead_ms + ko * err, 0.0)
+        self.per_sample_ms = max(self.per_sample_ms + ks * err, 1e-7)
+        p_oo = min((self.p_oo - ko * po) / forget, self._cap[0])
+        p_ss = min((self.p_ss - ks * ps) / forget, self._cap[1])
+        limit = (p_oo * p_ss) ** 0.5  # keep the covariance positive semi-definite
+        self.p_os = max(min((self.p_os - ko * ps) / forget, limit), -limit)
+        self.p_oo, self.p_ss = p_oo, p_ss
         self.observations += 1
 
 

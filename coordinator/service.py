@@ -255,8 +255,8 @@ class Coordinator:
         self._kick()
 
     def _check_outputs(self, task: Microtask, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
-        info = self.registry.model_info(task.job.spec.model)
-        if info is not None and set(outputs) != {o.name for o in info.outputs}:
+        expected = task.job.output_names
+        if expected and outputs.keys() != expected:
             raise ProtocolError(
                 f"outputs {sorted(outputs)} do not match the model's", code="bad_input"
             )
@@ -357,6 +357,7 @@ class Coordinator:
             client_id=spec.client_id,
             future=future,
             publish_result=publish_result,
+            output_names=frozenset(o.name for o in info.outputs),
         )
         job.split()
         self.ledger.add(job)
@@ -432,13 +433,21 @@ class Coordinator:
 
     def _choose_batch(self, model: str, n: int) -> int:
         """Samples per microtask so one takes ``target_task_ms`` on a typical capable agent,
-        but at least ``min_tasks_per_slot`` microtasks per slot of the fleet."""
+        but at least ``min_tasks_per_slot`` microtasks per slot of the fleet.
+
+        Uses the agents' advertised self-benchmarks: per-microtask observations are
+        noisy at small batch sizes and would make a fleet that just ran many tiny tasks
+        cut the next big job into slivers.
+        """
         agents = [a for a in self.registry.online() if a.available and a.has_model(model)]
-        per_sample = sorted(a.costs[model].per_sample_ms for a in agents)
+        per_sample = sorted(
+            ms for a in agents if (ms := a.models[model].ms_per_sample()) is not None and ms > 0
+        )
         slots = sum(a.slots for a in agents) or 1
-        by_time = self.config.target_task_ms / per_sample[len(per_sample) // 2] if per_sample else n
+        median = per_sample[len(per_sample) // 2] if per_sample else None
+        by_time = int(self.config.target_task_ms / median) if median else n
         by_balance = math.ceil(n / (slots * self.config.min_tasks_per_slot))
-        return max(1, min(int(by_time), by_balance))
+        return max(1, min(by_time, by_balance))
 
     def _reject(
         self,
@@ -496,10 +505,9 @@ class Coordinator:
         self._dispatch_scheduled = False
         if not self._link.connected.is_set():
             return
-        jobs = sorted(
-            (j for j in self.ledger.jobs.values() if j.pending and not j.terminal),
-            key=lambda j: (-j.spec.priority, j.submitted),
-        )
+        jobs = [j for j in self.ledger.active.values() if j.pending]
+        if len(jobs) > 1:
+            jobs.sort(key=lambda j: -j.spec.priority)  # stable: FIFO within a priority
         for job in jobs:
             model = job.spec.model
             candidates = sorted(
@@ -572,7 +580,7 @@ class Coordinator:
 
     # -- completion -----------------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
-        job.finished = time.monotonic()
+        self.ledger.finished(job)
         elapsed = job.finished - job.submitted
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         if job.finished_ok:
@@ -632,7 +640,7 @@ class Coordinator:
             self._link.publish_nowait(self.topics.result(job.job_id), payload)
             if job.client_id is not None:
                 self._link.publish_nowait(self.topics.replies(job.client_id), payload)
-        self._publish_status(job, "done" if job.finished_ok else "failed")
+            self._publish_status(job, "done" if job.finished_ok else "failed")
         # Inputs and per-microtask outputs are no longer needed; the summary stays.
         job.arrays = {}
         job.outputs = []
@@ -682,8 +690,8 @@ class Coordinator:
                 self._state_dirty = True
             if now - last_status >= self.config.status_interval_s:
                 last_status = now
-                for job in self.ledger.jobs.values():
-                    if not job.terminal and job.done:
+                for job in self.ledger.active.values():
+                    if job.done:
                         self._publish_status(job, "running")
             if self._state_dirty and now - last_state >= 1.0 and self._link.connected.is_set():
                 last_state = now
