@@ -150,7 +150,8 @@ class Agent:
             for _ in self._workers:
                 self._work.put(None)
             workers, self._workers = self._workers, []
-            await asyncio.to_thread(lambda: [w.join() for w in workers])
+            for w in workers:
+                await asyncio.to_thread(w.join)
         self._stopped.set()
         s = self.stats
         logger.info(

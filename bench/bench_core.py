@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -30,6 +32,8 @@ from protocol import BrokerAddress, JobError
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "digits_mlp.onnx"
+# onnxruntime's fastest batch for digits-mlp on this machine (3.3 us/sample; 4.6 at 11k).
+BEST_RAW_BATCH = 1024
 
 
 def digits() -> np.ndarray[Any, Any]:
@@ -109,9 +113,12 @@ def percentiles(lat: np.ndarray[Any, Any]) -> str:
 async def in_process(args: argparse.Namespace, address: BrokerAddress) -> list[tuple[str, str]]:
     x = digits()
     rows: list[tuple[str, str]] = []
-    config = CoordinatorConfig(broker=address, **({"target_task_ms": args.target_ms} if args.target_ms else {}))
+    overrides = {"target_task_ms": args.target_ms} if args.target_ms else {}
+    config = CoordinatorConfig(broker=address, **overrides)
     async with Coordinator(config) as coord:
         await coord.wait_for_agents(2, timeout=60)
+        gc.collect()
+        gc.freeze()  # as the CLI's long-running services do after start-up
         one = {"input": x[:1]}
         lat = await latencies(lambda: coord.run("digits-mlp", one, timeout=10), args.rt_n)
         rows.append(
@@ -133,22 +140,32 @@ async def in_process(args: argparse.Namespace, address: BrokerAddress) -> list[t
             )
         )
 
+        # Best of three for our job and for each baseline alike: this machine's speed
+        # varies by a third from one run to the next.
         xs = np.tile(x, (args.large_reps, 1))
-        t0 = time.perf_counter()
-        out = await coord.run("digits-mlp", {"input": xs}, timeout=300)
-        ours = len(xs) / (time.perf_counter() - t0)
-        r = out.result
-        raw = raw_two_processes(xs, r.batch_size)
-        rows.append(
+        ours, r = 0.0, None
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = await coord.run("digits-mlp", {"input": xs}, timeout=300)
+            ours = max(ours, len(xs) / (time.perf_counter() - t0))
+            r = out.result
+        assert r is not None
+        raw = max(raw_two_processes(xs, r.batch_size) for _ in range(3))
+        best = max(raw_two_processes(xs, BEST_RAW_BATCH) for _ in range(3))
+        rows += [
             (
                 f"large job ({len(xs):,} digits, {r.tasks} microtasks of {r.batch_size})",
                 f"{ours:,.0f} samples/s",
-            )
-        )
-        rows.append(
-            ("raw onnxruntime, 2 processes, same inputs and batches", f"{raw:,.0f} samples/s")
-        )
-        rows.append(("large job / raw", f"{ours / raw:.1%}  (target >= 50%)"))
+            ),
+            (
+                "raw onnxruntime, 2 processes, same inputs and batches",
+                f"{raw:,.0f} samples/s -> large job at {ours / raw:.1%} (target >= 50%)",
+            ),
+            (
+                f"raw onnxruntime, 2 processes, batch {BEST_RAW_BATCH} (its best)",
+                f"{best:,.0f} samples/s -> large job at {ours / best:.1%}",
+            ),
+        ]
     return rows
 
 
@@ -170,9 +187,10 @@ async def remote(args: argparse.Namespace, address: BrokerAddress) -> list[tuple
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller runs")
-    ap.add_argument("--target-ms", type=float, default=None)
+    ap.add_argument("--target-ms", type=float, help="coordinator target_task_ms override")
     args = ap.parse_args()
     args.rt_n = 1000 if args.quick else 5000
     args.trivial_n = 10_000

@@ -38,7 +38,9 @@ class CoordinatorConfig:
     lease_min_s: float = 10.0
     lease_factor: float = 4.0
     max_attempts: int = 3
-    # An agent silent this long (no heartbeat, no result) is treated as dead.
+    # An agent silent this long (no heartbeat, no result) gets no new work (suspect)...
+    suspect_after_s: float = 6.0
+    # ... and this long, is treated as dead: its microtasks run elsewhere.
     dead_after_s: float = 15.0
     max_payload_bytes: int = 256 * 2**20
     status_interval_s: float = 0.5
@@ -54,7 +56,7 @@ class CoordinatorConfig:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
             values.update(data.get("coordinator", data))
-        names = {f.name: f for f in fields(cls)}
+        names = {fld.name: fld for fld in fields(cls)}
         for key, value in os.environ.items():
             if key.startswith(ENV_PREFIX) and (name := key[len(ENV_PREFIX) :].lower()) in names:
                 values[name] = value
@@ -64,7 +66,7 @@ class CoordinatorConfig:
         if isinstance(values.get("broker"), str):
             values["broker"] = BrokerAddress.parse(values["broker"])
         for name, value in list(values.items()):
-            f = names.get(name)
-            if f is not None and isinstance(value, str) and f.type in ("int", "float"):
-                values[name] = int(value) if f.type == "int" else float(value)
+            fld = names.get(name)
+            if fld is not None and isinstance(value, str) and fld.type in ("int", "float"):
+                values[name] = int(value) if fld.type == "int" else float(value)
         return cls(**values)

@@ -15,7 +15,7 @@ import numpy as np
 
 from coordinator.handles import JobOutput
 from coordinator.registry import AgentRecord
-from protocol import ErrorInfo, InferenceJob, RunTask, Tensor
+from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ class Job:
     def terminal(self) -> bool:
         return self.finished is not None
 
+    @property
+    def state(self) -> JobState:
+        if self.terminal:
+            return "done" if self.finished_ok else "failed"
+        return "running" if len(self.pending) < len(self.tasks) else "accepted"
+
     def split(self) -> None:
         n = next(iter(self.arrays.values())).shape[0]
         self.bytes_per_sample = sum(a[:1].nbytes for a in self.arrays.values())
@@ -144,9 +150,11 @@ class Ledger:
         self.jobs[job.job_id] = job
         self.active[job.job_id] = job
 
-    def finished(self, job: Job) -> None:
+    def finished(self, job: Job) -> float:
+        """Mark ``job`` finished (done or failed); returns when."""
         job.finished = time.monotonic()
         self.active.pop(job.job_id, None)
+        return job.finished
 
     def dispatch(
         self, task: Microtask, agent: AgentRecord, *, lease_s: float, est_ms: float

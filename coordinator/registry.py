@@ -101,6 +101,8 @@ class AgentRecord:
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: Heartbeat | None = None
     draining: bool = False
+    # Silent for a while, or let a lease expire: no new work until it is heard from again.
+    suspect: bool = False
     in_flight: dict[str, Microtask] = field(default_factory=dict)
     costs: dict[str, CostModel] = field(default_factory=dict)
     models: dict[str, ModelInfo] = field(default_factory=dict)
@@ -132,7 +134,11 @@ class AgentRecord:
     @property
     def available(self) -> bool:
         """Can receive new work."""
-        return self.online and not self.draining
+        return self.online and not self.draining and not self.suspect
+
+    def heard_from(self) -> None:
+        self.last_seen = time.monotonic()
+        self.suspect = False
 
     def has_model(self, model_id: str) -> bool:
         return model_id in self.models
@@ -175,7 +181,7 @@ class Registry:
             rec._load_models()
             rec.online = True
             rec.draining = False
-            rec.last_seen = time.monotonic()
+            rec.heard_from()
             return rec, "born" if (was_online and same_session) else "reborn"
         if rec is None:
             return None, "unknown"
@@ -190,7 +196,7 @@ class Registry:
         if rec is None or hb.seq < rec.seq or not rec.online:
             return None
         rec.heartbeat = hb
-        rec.last_seen = time.monotonic()
+        rec.heard_from()
         rec.draining = hb.draining
         return rec
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from coordinator.config import CoordinatorConfig, PolicyName
 from coordinator.handles import JobHandle, JobOutput
-from coordinator.ledger import Job, Ledger, Microtask, TaskState
+from coordinator.ledger import Job, Ledger, Microtask
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, Registry
@@ -214,8 +214,8 @@ class Coordinator:
             self._count_reject("forged_heartbeat", agent_id, hb.agent_id)
             return
         rec = self.registry.agents.get(agent_id)
-        was_draining = rec.draining if rec else False
-        if self.registry.apply_heartbeat(hb) is not None and was_draining != hb.draining:
+        was_available = rec.available if rec else False
+        if self.registry.apply_heartbeat(hb) is not None and was_available != rec.available:
             self._kick()
 
     def _on_result(self, agent_id: str, payload: bytes) -> None:
@@ -228,7 +228,7 @@ class Coordinator:
         if msg.agent_id != agent_id or agent is None:
             self._count_reject("forged_result", agent_id, msg.agent_id)
             return
-        agent.last_seen = time.monotonic()
+        agent.heard_from()
         task = self._find_task(msg.job_id, msg.task_id)
         if task is None or not self.ledger.is_current(task, msg.attempt, agent_id):
             # A superseded attempt, a duplicate, or a job that already ended.
@@ -373,9 +373,9 @@ class Coordinator:
             policy,
         )
         if publish_result:
-            self._publish_status(job, "accepted")
+            self._publish_status(job)
         self._state_dirty = True
-        self._kick()
+        self._dispatch()  # at once: a new job should not wait a loop iteration
         return job
 
     # -- in-process SDK -------------------------------------------------------------------------
@@ -522,11 +522,19 @@ class Coordinator:
                 task = job.pending[0]
                 nbytes = task.samples * job.bytes_per_sample
                 ctx = Placement(credit=self.credit, payload_bytes=nbytes, backlog_ms=backlog)
-                agent = policy.choose(task, candidates, ctx)
+                agent = policy.choose(task, self._candidates_for(task, candidates), ctx)
                 if agent is None or self.credit(agent) <= 0:
                     break
                 job.pending.popleft()
                 self._send(task, agent, nbytes)
+
+    @staticmethod
+    def _candidates_for(task: Microtask, candidates: list[AgentRecord]) -> list[AgentRecord]:
+        """A retried microtask avoids the agents it already failed on, if it can."""
+        if not task.failures:
+            return candidates
+        tried = {agent_id for agent_id, _, _ in task.failures}
+        return [a for a in candidates if a.agent_id not in tried] or candidates
 
     def _send(self, task: Microtask, agent: AgentRecord, nbytes: int) -> None:
         finish_ms = estimate_finish_ms(agent, task, nbytes)
@@ -580,8 +588,7 @@ class Coordinator:
 
     # -- completion -----------------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
-        self.ledger.finished(job)
-        elapsed = job.finished - job.submitted
+        elapsed = self.ledger.finished(job) - job.submitted
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         if job.finished_ok:
             outputs = job.assemble()
@@ -640,16 +647,16 @@ class Coordinator:
             self._link.publish_nowait(self.topics.result(job.job_id), payload)
             if job.client_id is not None:
                 self._link.publish_nowait(self.topics.replies(job.client_id), payload)
-            self._publish_status(job, "done" if job.finished_ok else "failed")
+            self._publish_status(job)
         # Inputs and per-microtask outputs are no longer needed; the summary stays.
         job.arrays = {}
         job.outputs = []
         self._state_dirty = True
 
-    def _publish_status(self, job: Job, state: Any) -> None:
+    def _publish_status(self, job: Job) -> None:
         status = JobStatus(
             job_id=job.job_id,
-            state=state,
+            state=job.state,
             tasks_total=len(job.tasks),
             tasks_done=job.done,
             samples_total=job.samples,
@@ -677,8 +684,19 @@ class Coordinator:
                     self.topics.tasks(task.agent_id or ""),
                     CancelTask(task_id=task.task_id, attempt=task.attempt).to_json(),
                 )
+                if old is not None and old.online and not old.suspect:
+                    logger.warning("agent %s suspect: let a lease expire", old.agent_id)
+                    old.suspect = True
                 self._retry(task, old, "lease_expired", "no result before the lease expired")
                 self._kick()
+            for agent in self.registry.silent(self.config.suspect_after_s):
+                if not agent.suspect:
+                    logger.warning(
+                        "agent %s suspect: silent for %.0fs",
+                        agent.agent_id,
+                        self.config.suspect_after_s,
+                    )
+                    agent.suspect = True
             for agent in self.registry.silent(self.config.dead_after_s):
                 logger.warning(
                     "agent %s silent for %.0fs: treated as dead",
@@ -692,7 +710,7 @@ class Coordinator:
                 last_status = now
                 for job in self.ledger.active.values():
                     if job.done:
-                        self._publish_status(job, "running")
+                        self._publish_status(job)
             if self._state_dirty and now - last_state >= 1.0 and self._link.connected.is_set():
                 last_state = now
                 self._state_dirty = False
@@ -706,19 +724,10 @@ class Coordinator:
         now = time.monotonic()
         jobs = []
         for job in list(self.ledger.jobs.values())[-50:]:
-            state = (
-                ("done" if job.finished_ok else "failed")
-                if job.terminal
-                else (
-                    "running"
-                    if job.done or any(t.state is TaskState.RUNNING for t in job.tasks)
-                    else "accepted"
-                )
-            )
             jobs.append(
                 JobSummary(
                     job_id=job.job_id,
-                    state=state,
+                    state=job.state,
                     model=job.spec.model,
                     policy=job.policy,
                     samples=job.samples,

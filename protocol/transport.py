@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -118,6 +119,10 @@ class FastPath:
         self._paho.on_message = self._message
         self._paho.on_socket_register_write = self._register_write
         self._paho.on_socket_unregister_write = self._unregister_write
+        # paho announces a close before closing the socket: drop our writer while the file
+        # descriptor is still valid, then let aiomqtt do its own cleanup.
+        self._aiomqtt_socket_close = self._paho.on_socket_close
+        self._paho.on_socket_close = self._socket_close
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Queue a publish; it is written at the end of this loop iteration."""
@@ -150,8 +155,15 @@ class FastPath:
         else:
             self._unregister_write(None, None, None)
 
+    def _socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        self.close()
+        if self._aiomqtt_socket_close is not None:
+            self._aiomqtt_socket_close(client, userdata, sock)
+
     def close(self) -> None:
-        self._unregister_write(None, None, None)
+        with contextlib.suppress(OSError, ValueError):  # descriptor already closed
+            self._unregister_write(None, None, None)
+        self._writer = False
 
 
 class Link:

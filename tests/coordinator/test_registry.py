@@ -60,7 +60,10 @@ def test_heartbeats_of_an_older_session_are_ignored() -> None:
 
 def test_cost_model_starts_from_the_benchmark_and_follows_observations() -> None:
     info = ModelInfo(
-        id="m", sha256="0" * 64, size=1, outputs=[],
+        id="m",
+        sha256="0" * 64,
+        size=1,
+        outputs=[],
         inputs=[TensorSpec(name="x", dtype="float32", shape=[None])],
         cost=[(1, 0.05), (64, 0.68)],
     )

@@ -1,0 +1,109 @@
+"""Agents that die, drain or stall mid-job: the job still completes, exactly once per microtask."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import numpy as np
+
+from coordinator import Coordinator
+from protocol import BrokerAddress, TaskResult, Topics, encode_arrays
+from tests.agent.test_agent import raw_client
+from tests.conftest import wait_until
+from tests.coordinator.test_jobs import direct
+
+# Emulated slow devices so that the job is still running when the fault is injected.
+SLOW = ("--slots", "1", "--slowdown", "30")
+
+
+async def start_job(
+    coord: Coordinator, digits: Any, reps: int = 3, batch: int = 100
+) -> tuple[np.ndarray[Any, Any], Any]:
+    x = np.tile(digits[0], (reps, 1))
+    return x, coord.submit_arrays("digits-mlp", {"input": x}, batch_size=batch)
+
+
+def assert_exact(out: Any, x: np.ndarray[Any, Any], batch: int = 100) -> None:
+    parts = [direct(x[i : i + batch]) for i in range(0, len(x), batch)]
+    assert np.array_equal(out["label"], np.concatenate([p[0] for p in parts]))
+    assert np.array_equal(out["probabilities"], np.concatenate([p[1] for p in parts]))
+    assert sum(s.samples for s in out.result.per_agent.values()) == len(x)
+
+
+async def test_agent_killed_mid_job_its_microtasks_run_elsewhere(
+    mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    victim = agent_processes(mosquitto_address, "k-victim", *SLOW)
+    agent_processes(mosquitto_address, "k-survivor", *SLOW)
+    coord = await coordinator_factory(mosquitto_address)
+    await coord.wait_for_agents(2, timeout=60)
+    x, handle = await start_job(coord, digits)
+    rec = coord.registry.agents["k-victim"]
+    await wait_until(lambda: rec.completed >= 2, what="the victim to have done some work")
+    victim.kill()  # SIGKILL: no drain; the broker publishes its Last Will
+    out = await handle.result(timeout=120)
+    assert_exact(out, x)
+    assert out.result.retries >= 1, "the victim's in-flight microtasks were re-dispatched"
+    assert not rec.online
+
+
+async def test_agent_drained_mid_job_hands_back_without_losing_work(
+    mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    leaving = agent_processes(mosquitto_address, "d-leaving", *SLOW)
+    agent_processes(mosquitto_address, "d-staying", *SLOW)
+    coord = await coordinator_factory(mosquitto_address)
+    await coord.wait_for_agents(2, timeout=60)
+    x, handle = await start_job(coord, digits)
+    rec = coord.registry.agents["d-leaving"]
+    await wait_until(lambda: rec.completed >= 1, what="the leaving agent to have done work")
+    leaving.proc.send_signal(signal.SIGTERM)
+    out = await handle.result(timeout=120)
+    assert_exact(out, x)
+    assert await asyncio.to_thread(leaving.proc.wait, 30) == 0
+    assert "drained" in leaving.output() or not rec.online
+
+
+async def test_stalled_agent_loses_its_lease_and_its_late_results_are_dropped(
+    mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    stalled = agent_processes(mosquitto_address, "s-stalled", *SLOW)
+    agent_processes(mosquitto_address, "s-healthy", *SLOW)
+    # Short leases, and a death timeout long enough that only the lease can act.
+    coord = await coordinator_factory(
+        mosquitto_address, lease_min_s=1.0, lease_factor=1.0, dead_after_s=60.0
+    )
+    await coord.wait_for_agents(2, timeout=60)
+    x, handle = await start_job(coord, digits)
+    rec = coord.registry.agents["s-stalled"]
+    await wait_until(lambda: len(rec.in_flight) > 0, what="work on the agent to stall")
+    stalled.proc.send_signal(signal.SIGSTOP)
+    try:
+        out = await handle.result(timeout=120)
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+    assert_exact(out, x)
+    assert out.result.retries >= 1
+    expired = [t for t in coord.ledger.jobs[handle.job_id].tasks if t.attempt > 1]
+    assert expired and all(f[0] == "s-stalled" for t in expired for f in t.failures)
+    assert all(t.agent_id != "s-stalled" for t in expired), "retries went to the healthy agent"
+    # Resumed, the stalled agent obeys the cancels it was sent (or its results are late):
+    # either way exactly one result per microtask was kept.
+    await asyncio.sleep(1.0)
+    assert coord.ledger.counts["completed"] == out.result.tasks
+    # A result for the superseded first attempt, as a late agent would send it, is dropped.
+    late = TaskResult(
+        task_id=expired[0].task_id,
+        job_id=handle.job_id,
+        attempt=1,
+        agent_id="s-stalled",
+        ok=True,
+        outputs=encode_arrays({"label": np.zeros(100, np.int64)}),
+    )
+    before = coord.rejected["stale_result"]
+    async with raw_client(mosquitto_address) as c:
+        await c.publish(Topics(coord.config.root).results("s-stalled"), late.to_json(), qos=1)
+    await wait_until(lambda: coord.rejected["stale_result"] > before, what="the late result")
+    assert coord.ledger.counts["completed"] == out.result.tasks
