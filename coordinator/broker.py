@@ -21,14 +21,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
-from urllib.parse import urlsplit
+
+from protocol.transport import DEFAULT_PORT as DEFAULT_MQTT_PORT
+from protocol.transport import parse_broker_url
 
 logger = logging.getLogger(__name__)
 
 BrokerKind: TypeAlias = Literal["external", "mosquitto", "amqtt"]
 LocalKind: TypeAlias = Literal["auto", "mosquitto", "amqtt"]
 
-DEFAULT_MQTT_PORT = 1883
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 AMQTT_SHUTDOWN_TIMEOUT_S = 2.0  # < STOP_TIMEOUT_S, so the amqtt child still exits with 0
@@ -57,8 +58,6 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
 # Places where distributions install mosquitto that are often not on a user's PATH.
 _MOSQUITTO_FALLBACK_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
-_URL_SCHEMES = ("mqtt", "tcp")
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is currently free on ``host`` (racy by nature, fine for tests)."""
@@ -81,41 +80,6 @@ class BrokerInfo:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"mqtt://{host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """Split ``mqtt://host:port``, ``tcp://host:port``, ``host:port`` or ``host`` into (host, port).
-
-    The port defaults to 1883. IPv6 literals must be bracketed (``mqtt://[::1]:1883``).
-    Raises ValueError for anything else (other schemes, paths, credentials, bad ports).
-    """
-    text = url.strip()
-    if not text:
-        raise ValueError("broker URL is empty; expected mqtt://host:port, host:port or host")
-    if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        if scheme not in _URL_SCHEMES:
-            raise ValueError(
-                f"unsupported broker URL scheme {scheme!r} in {url!r}; "
-                "expected mqtt://host:port or tcp://host:port"
-            )
-    else:
-        text = f"mqtt://{text}"
-    try:
-        parts = urlsplit(text)
-        port = parts.port  # raises ValueError for non-numeric or out-of-range ports
-    except ValueError as exc:
-        raise ValueError(f"invalid broker URL {url!r}: {exc}") from exc
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"invalid broker URL {url!r}: unexpected path, query or fragment")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"invalid broker URL {url!r}: credentials in the URL are not supported")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"invalid broker URL {url!r}: missing host")
-    if port == 0:
-        raise ValueError(f"invalid broker URL {url!r}: port must be 1-65535")
-    return host, DEFAULT_MQTT_PORT if port is None else port
 
 
 def find_mosquitto() -> str | None:

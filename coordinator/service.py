@@ -213,9 +213,10 @@ class Coordinator:
         if hb.agent_id != agent_id:
             self._count_reject("forged_heartbeat", agent_id, hb.agent_id)
             return
-        rec = self.registry.agents.get(agent_id)
-        was_available = rec.available if rec else False
-        if self.registry.apply_heartbeat(hb) is not None and was_available != rec.available:
+        known = self.registry.agents.get(agent_id)
+        was_available = known is not None and known.available
+        rec = self.registry.apply_heartbeat(hb)
+        if rec is not None and rec.available != was_available:
             self._kick()
 
     def _on_result(self, agent_id: str, payload: bytes) -> None:

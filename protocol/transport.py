@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 
@@ -24,6 +25,8 @@ NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 MAX_INFLIGHT = 65535
 
 _last_seq = 0
+DEFAULT_PORT = 1883
+_URL_SCHEMES = frozenset({"mqtt", "tcp"})
 
 
 def new_seq() -> int:
@@ -31,6 +34,41 @@ def new_seq() -> int:
     global _last_seq
     _last_seq = max(_last_seq + 1, time.time_ns() // 1000)
     return _last_seq
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """Split ``mqtt://host:port``, ``tcp://host:port``, ``host:port`` or ``host`` into (host, port).
+
+    The port defaults to 1883. IPv6 literals must be bracketed (``mqtt://[::1]:1883``).
+    Raises ValueError for anything else (other schemes, paths, credentials, bad ports).
+    """
+    text = url.strip()
+    if not text:
+        raise ValueError("broker URL is empty; expected mqtt://host:port, host:port or host")
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme not in _URL_SCHEMES:
+            raise ValueError(
+                f"unsupported broker URL scheme {scheme!r} in {url!r}; "
+                "expected mqtt://host:port or tcp://host:port"
+            )
+    else:
+        text = f"mqtt://{text}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError for non-numeric or out-of-range ports
+    except ValueError as exc:
+        raise ValueError(f"invalid broker URL {url!r}: {exc}") from exc
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"invalid broker URL {url!r}: unexpected path, query or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"invalid broker URL {url!r}: credentials in the URL are not supported")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"invalid broker URL {url!r}: missing host")
+    if port == 0:
+        raise ValueError(f"invalid broker URL {url!r}: port must be 1-65535")
+    return host, DEFAULT_PORT if port is None else port
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,26 +83,14 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str, **kwargs: Any) -> BrokerAddress:
-        """Accept ``mqtt://host:port``, ``tcp://host:port``, ``host:port`` or ``host``."""
-        rest = url.strip()
-        for scheme in ("mqtt://", "tcp://"):
-            if rest.startswith(scheme):
-                rest = rest[len(scheme) :]
-                break
-        else:
-            if "://" in rest:
-                raise ValueError(f"unsupported broker URL scheme in {url!r} (use mqtt://)")
-        rest = rest.rstrip("/")
-        host, sep, port = rest.rpartition(":")
-        if not sep:
-            host, port = rest, "1883"
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"invalid broker URL {url!r}: expected mqtt://host:port")
-        return cls(host=host, port=int(port), **kwargs)
+        """From ``mqtt://host:port``, ``tcp://host:port``, ``host:port`` or ``host``."""
+        host, port = parse_broker_url(url)
+        return cls(host=host, port=port, **kwargs)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
 
     def __repr__(self) -> str:  # never show the password
         return f"BrokerAddress({self.url}, username={self.username!r})"
