@@ -243,12 +243,12 @@ class Coordinator:
             except OffloadError as e:
                 self._count_reject("bad_result", agent_id, e)
                 self._retry(task, agent, "bad_result", e.message)
-                return
-            self._observe(agent, task, msg)
-            self.ledger.complete(task, agent, outputs)
-            agent.completed += 1
-            if job.done == len(job.tasks):
-                self._finish(job)
+            else:
+                self._observe(agent, task, msg)
+                self.ledger.complete(task, agent, outputs)
+                agent.completed += 1
+                if job.done == len(job.tasks):
+                    self._finish(job)
         else:
             err = msg.error or ErrorInfo(code="internal", message="no error given")
             handback = err.code in ("draining", "no_capacity")

@@ -141,6 +141,7 @@ class FastPath:
         self._fd = sock.fileno()
         self._scheduled = False
         self._writer = False
+        self._closed = False
         self._on_message = on_message
         self._paho.on_message = self._message
         self._paho.on_socket_register_write = self._register_write
@@ -159,7 +160,7 @@ class FastPath:
         self._on_message(message.topic, message.payload)
 
     def _register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        if not self._scheduled:
+        if not self._scheduled and not self._closed:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -170,14 +171,20 @@ class FastPath:
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._closed or self._paho.socket() is None:
+            return  # a flush scheduled before the connection ended
         try:
             self._paho.loop_write()
         except OSError:
             return  # the connection is gone; aiomqtt's reader reports it
         if self._paho.want_write():
             if not self._writer:
+                try:
+                    self._loop.add_writer(self._fd, self._flush)
+                except OSError:  # the descriptor closed under us: the connection is gone
+                    self._closed = True
+                    return
                 self._writer = True
-                self._loop.add_writer(self._fd, self._flush)
         else:
             self._unregister_write(None, None, None)
 
@@ -187,6 +194,7 @@ class FastPath:
             self._aiomqtt_socket_close(client, userdata, sock)
 
     def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(OSError, ValueError):  # descriptor already closed
             self._unregister_write(None, None, None)
         self._writer = False

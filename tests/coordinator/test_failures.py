@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from typing import Any
 
 import numpy as np
 
 from coordinator import Coordinator
-from protocol import BrokerAddress, TaskResult, Topics, encode_arrays
+from protocol import (
+    AgentState,
+    BrokerAddress,
+    RunTask,
+    TaskResult,
+    Topics,
+    encode_arrays,
+    parse_task,
+)
 from tests.agent.test_agent import raw_client
 from tests.conftest import wait_until
 from tests.coordinator.test_jobs import direct
@@ -107,3 +116,52 @@ async def test_stalled_agent_loses_its_lease_and_its_late_results_are_dropped(
         await c.publish(Topics(coord.config.root).results("s-stalled"), late.to_json(), qos=1)
     await wait_until(lambda: coord.rejected["stale_result"] > before, what="the late result")
     assert coord.ledger.counts["completed"] == out.result.tasks
+
+
+async def test_wrong_outputs_from_a_lying_agent_are_rejected_and_rerun(
+    mosquitto_address: BrokerAddress, agent_factory: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    honest = await agent_factory(mosquitto_address, "honest")
+    coord = await coordinator_factory(mosquitto_address)
+    await coord.wait_for_agents(1)
+    topics = Topics(coord.config.root)
+    # The liar advertises the honest agent's capabilities and answers every microtask with
+    # one row too few.
+    birth = AgentState(
+        agent_id="liar", online=True, seq=1, ts=time.time(), capabilities=honest.capabilities
+    )
+    async with raw_client(mosquitto_address, topics.tasks("liar")) as liar:
+        await liar.publish(topics.state("liar"), birth.to_json(), qos=1, retain=True)
+        await wait_until(lambda: "liar" in coord.registry.agents, what="the liar's birth")
+
+        async def lie() -> None:
+            async for m in liar.messages:
+                task = parse_task(m.payload)  # type: ignore[arg-type]
+                if isinstance(task, RunTask):
+                    n = task.inputs["input"].shape[0] - 1
+                    bad = TaskResult(
+                        task_id=task.task_id,
+                        job_id=task.job_id,
+                        attempt=task.attempt,
+                        agent_id="liar",
+                        ok=True,
+                        outputs=encode_arrays(
+                            {
+                                "label": np.zeros(n, np.int64),
+                                "probabilities": np.zeros((n, 10), np.float32),
+                            }
+                        ),
+                    )
+                    await liar.publish(topics.results("liar"), bad.to_json(), qos=1)
+
+        liar_task = asyncio.create_task(lie())
+        try:
+            x = digits[0][:600]
+            out = await coord.run("digits-mlp", {"input": x}, batch_size=100, timeout=60)
+        finally:
+            liar_task.cancel()
+            await liar.publish(topics.state("liar"), b"", qos=1, retain=True)
+    assert_exact(out, x)
+    assert set(out.result.per_agent) == {"honest"}
+    assert coord.rejected["bad_result"] >= 1
+    assert coord.rejected["bad_result"] == out.result.retries
