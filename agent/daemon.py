@@ -137,6 +137,8 @@ class Agent:
         await self.close()
 
     async def close(self) -> None:
+        if self._stopped.is_set():
+            return
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

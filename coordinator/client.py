@@ -82,11 +82,13 @@ class OffloadClient:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        if self._fast is not None:
-            self._fast.close()
         if self._client is not None:
+            # The fast path stays open until paho announces the socket's close: it is
+            # what flushes the DISCONNECT packet.
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._client.__aexit__(None, None, None)
+        if self._fast is not None:
+            self._fast.close()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
