@@ -68,6 +68,8 @@ class AgentStats:
     duplicates: int = 0
     rejected: int = 0
     cancelled: int = 0
+    # Delivered on a topic the agent never subscribed to (a broker routing fault).
+    misrouted: int = 0
     # Most microtasks ever executing at once (never above the slots).
     peak_running: int = 0
 
@@ -270,7 +272,7 @@ class Agent:
         # Brokers are not always right about routing (amqtt 0.12 replays other clients'
         # retained messages on connect): only the agent's own tasks topic is obeyed.
         if topic != self._tasks_topic:
-            self.stats.rejected += 1
+            self.stats.misrouted += 1
             return
         received = time.monotonic()
         if len(payload) > self.config.max_payload_bytes:
