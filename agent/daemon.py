@@ -23,9 +23,11 @@ from agent.config import AgentConfig
 from agent.providers import usable_providers
 from agent.store import ModelStore
 from protocol import (
+    ENCODINGS,
     AgentState,
     CancelTask,
     Capabilities,
+    Encoding,
     ErrorInfo,
     Heartbeat,
     OffloadError,
@@ -34,7 +36,9 @@ from protocol import (
     TaskResult,
     Topics,
     decode_tensors,
+    encode,
     encode_arrays,
+    is_binary,
     new_seq,
     parse_task,
 )
@@ -52,6 +56,8 @@ PENDING_RESULTS_LIMIT = 10_000
 class _Active:
     task: RunTask
     received: float
+    # Answer in the encoding the task came in.
+    encoding: Encoding = "json"
     run_options: ort.RunOptions = field(default_factory=ort.RunOptions)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -230,6 +236,7 @@ class Agent:
             power=_power_source(),
             models=self._store.infos(),
             slowdown=cfg.slowdown,
+            encodings=list(ENCODINGS),
         )
         psutil.cpu_percent(interval=None)  # prime: the first call always returns 0.0
 
@@ -292,10 +299,10 @@ class Agent:
         if isinstance(msg, CancelTask):
             self._cancel(msg)
         else:
-            self._accept(msg, received)
+            self._accept(msg, received, "binary" if is_binary(payload) else "json")
 
     # -- execution ------------------------------------------------------------------------------
-    def _accept(self, task: RunTask, received: float) -> None:
+    def _accept(self, task: RunTask, received: float, encoding: Encoding = "json") -> None:
         key = (task.task_id, task.attempt)
         if key in self._active or key in self._seen:
             # QoS 1 may deliver a message twice; a task attempt is answered once.
@@ -309,7 +316,7 @@ class Agent:
         if len(self._active) >= self.config.slots + self.config.queue_limit:
             self._reply_error(task, "no_capacity", "agent queue is full")
             return
-        active = _Active(task=task, received=received)
+        active = _Active(task=task, received=received, encoding=encoding)
         self._active[key] = active
         self._idle.clear()
         self._work.put(active)
@@ -371,7 +378,7 @@ class Agent:
         finally:
             with self._running_lock:
                 self._running -= 1
-        return result.to_json()
+        return encode(result, active.encoding)
 
     def _error_result(
         self, task: RunTask, code: Any, message: str, queued_ms: float = 0.0

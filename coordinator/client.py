@@ -18,15 +18,19 @@ from protocol import (
     AgentState,
     BrokerAddress,
     CoordinatorState,
+    Encoding,
     InferenceJob,
     JobError,
     JobResult,
     JobStatus,
     ProtocolError,
     Topics,
+    decode,
     decode_tensors,
+    encode,
     encode_arrays,
 )
+from protocol.codec import BINARY_MIN_BYTES
 from protocol.transport import FastPath, connect_options
 
 
@@ -117,6 +121,8 @@ class OffloadClient:
             inputs = {"input": inputs}
         self._counter += 1
         job_id = job_id or f"{self.client_id}-{self._counter}"
+        # Binary frames (no base64 pass) pay from about 2 KiB of tensors; see protocol.codec.
+        big = sum(np.asarray(a).nbytes for a in inputs.values()) >= BINARY_MIN_BYTES
         spec = InferenceJob.model_validate(
             {
                 "job_id": job_id,
@@ -126,6 +132,7 @@ class OffloadClient:
                 "policy": policy,
                 "priority": priority,
                 "client_id": self.client_id,
+                "result_encoding": "binary" if big else "json",
             }
         )
         return await self.submit_spec(spec, on_status=on_status)
@@ -143,7 +150,8 @@ class OffloadClient:
         assert self._fast is not None
         # Not awaiting the broker's PUBACK saves a round trip per job; the job's result
         # (or a timeout in result()) is the acknowledgement that matters.
-        if not self._fast.publish(self.topics.submit, spec.to_json(), qos=1):
+        encoding: Encoding = spec.result_encoding  # the same size rule chose it
+        if not self._fast.publish(self.topics.submit, encode(spec, encoding), qos=1):
             raise JobError("not connected to the broker", job_id=spec.job_id, code="internal")
         return JobHandle(spec.job_id, future)
 
@@ -210,7 +218,7 @@ class OffloadClient:
         # Match topics exactly: a broker may deliver what this client never subscribed to
         # (amqtt 0.12 replays other clients' retained messages on connect).
         if topic == self.topics.replies(self.client_id):
-            self._resolve(JobResult.from_json(payload))
+            self._resolve(decode(JobResult, payload))
         elif topic == self.topics.coordinator:
             if self._coordinator is not None and not self._coordinator.done():
                 self._coordinator.set_result(CoordinatorState.from_json(payload))
@@ -224,7 +232,7 @@ class OffloadClient:
                     return
             for job_id in list(self._waiting):
                 if topic == self.topics.result(job_id):
-                    self._resolve(JobResult.from_json(payload))
+                    self._resolve(decode(JobResult, payload))
                     return
 
     def _resolve(self, result: JobResult) -> None:

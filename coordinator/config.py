@@ -43,6 +43,9 @@ class CoordinatorConfig:
     # ... and this long, is treated as dead: its microtasks run elsewhere.
     dead_after_s: float = 15.0
     max_payload_bytes: int = 256 * 2**20
+    # "auto": binary tensor frames (protocol.codec) to agents that advertise them; "json":
+    # JSON everywhere, e.g. to watch microtasks with mosquitto_sub.
+    wire_encoding: Literal["auto", "json"] = "auto"
     status_interval_s: float = 0.5
 
     def with_(self, **changes: Any) -> CoordinatorConfig:

@@ -27,6 +27,7 @@ from protocol import (
     AgentState,
     CancelTask,
     CoordinatorState,
+    Encoding,
     ErrorCode,
     ErrorInfo,
     Heartbeat,
@@ -40,10 +41,13 @@ from protocol import (
     Rejection,
     TaskResult,
     Topics,
+    decode,
     decode_tensors,
+    encode,
     encode_arrays,
 )
 from protocol._base import summarize
+from protocol.codec import BINARY_MIN_BYTES
 from protocol.transport import Link
 
 logger = logging.getLogger(__name__)
@@ -221,7 +225,7 @@ class Coordinator:
 
     def _on_result(self, agent_id: str, payload: bytes) -> None:
         try:
-            msg = TaskResult.from_json(payload)
+            msg = decode(TaskResult, payload)
         except ProtocolError as e:
             self._count_reject("malformed_result", agent_id, e)
             return
@@ -301,7 +305,7 @@ class Coordinator:
             )
             return
         try:
-            spec = InferenceJob.from_json(payload)
+            spec = decode(InferenceJob, payload)
         except ProtocolError as e:
             self._reject(payload, "malformed", e.message)
             return
@@ -542,7 +546,15 @@ class Coordinator:
         lease_s = max(self.config.lease_min_s, self.config.lease_factor * finish_ms / 1000)
         est_ms = agent.costs[task.job.spec.model].estimate(task.samples)
         msg = self.ledger.dispatch(task, agent, lease_s=lease_s, est_ms=est_ms)
-        self._link.publish_nowait(self.topics.tasks(agent.agent_id), msg.to_json(), qos=1)
+        # Binary frames pay from about 2 KiB of tensor data; below, pydantic's JSON is faster.
+        encoding: Encoding = (
+            "binary"
+            if self.config.wire_encoding == "auto"
+            and nbytes >= BINARY_MIN_BYTES
+            and "binary" in agent.capabilities.encodings
+            else "json"
+        )
+        self._link.publish_nowait(self.topics.tasks(agent.agent_id), encode(msg, encoding), qos=1)
 
     def _backlog_ms(self, job: Job, candidates: list[AgentRecord]) -> float:
         """Time for ``candidates`` to get through this job's pending and in-flight samples."""
@@ -644,7 +656,7 @@ class Coordinator:
         if job.publish_result:
             if job.finished_ok:
                 result = result.model_copy(update={"outputs": encode_arrays(outputs)})
-            payload = result.to_json()
+            payload = encode(result, job.spec.result_encoding)
             self._link.publish_nowait(self.topics.result(job.job_id), payload)
             if job.client_id is not None:
                 self._link.publish_nowait(self.topics.replies(job.client_id), payload)

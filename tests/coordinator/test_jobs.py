@@ -182,16 +182,18 @@ async def test_share_follows_measured_speed_under_earliest_finish_only(
     assert low <= ratio <= high, f"{policy}: fast/slow = {ratio:.2f} ({shares})"
 
 
+@pytest.mark.parametrize("wire", ["auto", "json"])
 async def test_many_jobs_at_once_each_get_their_own_result(
     address: BrokerAddress,
     agent_factory: Any,
     coordinator_factory: Any,
     client_factory: Any,
     digits: Any,
+    wire: str,
 ) -> None:
     x = digits[0]
     await agent_factory(address, "m-1", slots=2)
-    coord = await coordinator_factory(address)
+    coord = await coordinator_factory(address, wire_encoding=wire)
     await coord.wait_for_agents(1)
     client: OffloadClient = await client_factory(address)
     slices = [x[i * 37 : i * 37 + 20 + i] for i in range(20)]
