@@ -42,7 +42,7 @@ from protocol import (
     new_seq,
     parse_task,
 )
-from protocol.transport import Link
+from protocol.transport import Link, cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +147,7 @@ class Agent:
     async def close(self) -> None:
         if self._stopped.is_set():
             return
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self._workers:
             for a in self._active.values():

@@ -31,7 +31,7 @@ from protocol import (
     encode_arrays,
 )
 from protocol.codec import BINARY_MIN_BYTES
-from protocol.transport import FastPath, connect_options
+from protocol.transport import FastPath, cancel_and_wait, connect_options
 
 
 def _matches(topic: str, pattern: str) -> bool:
@@ -83,9 +83,7 @@ class OffloadClient:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait([self._reader])
         if self._client is not None:
             # The fast path stays open until paho announces the socket's close: it is
             # what flushes the DISCONNECT packet.

@@ -48,7 +48,7 @@ from protocol import (
 )
 from protocol._base import summarize
 from protocol.codec import BINARY_MIN_BYTES
-from protocol.transport import Link
+from protocol.transport import Link, cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ class Coordinator:
                     qos=1,
                     retain=True,
                 )
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         c = self.ledger.counts
         logger.info(

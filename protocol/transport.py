@@ -112,6 +112,26 @@ def connect_options(address: BrokerAddress, **extra: Any) -> dict[str, Any]:
     return opts
 
 
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait for them, but not forever.
+
+    On Python 3.11 a cancellation that lands while aiomqtt is inside ``asyncio.wait_for``
+    (connect, publish) can be swallowed (gh-86296, fixed in 3.12); a shutdown must not
+    hang on it.
+    """
+    tasks = list(tasks)
+    for t in tasks:
+        t.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        logger.warning(
+            "task %s did not stop within %.0fs of being cancelled", t.get_name(), timeout
+        )
+        t.cancel()
+
+
 MessageHandler = Callable[[str, bytes], None]
 ConnectHook = Callable[["Link"], Awaitable[None]]
 

@@ -8,8 +8,10 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 
 from coordinator import Coordinator
+from coordinator.broker import LocalBroker
 from protocol import (
     AgentState,
     BrokerAddress,
@@ -20,7 +22,7 @@ from protocol import (
     parse_task,
 )
 from tests.agent.test_agent import raw_client
-from tests.conftest import wait_until
+from tests.conftest import require_mosquitto, wait_until
 from tests.coordinator.test_jobs import direct
 
 # Emulated slow devices so that the job is still running when the fault is injected.
@@ -165,3 +167,36 @@ async def test_wrong_outputs_from_a_lying_agent_are_rejected_and_rerun(
     assert set(out.result.per_agent) == {"honest"}
     assert coord.rejected["bad_result"] >= 1
     assert coord.rejected["bad_result"] == out.result.retries
+
+
+@pytest.fixture
+def own_mosquitto() -> Any:
+    """A broker for this test alone (it gets killed); requested first, so stopped last."""
+    require_mosquitto()
+    with LocalBroker(kind="mosquitto") as broker:
+        yield broker
+
+
+async def test_broker_restarted_mid_job_the_job_still_completes(
+    own_mosquitto: LocalBroker, agent_processes: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    broker = own_mosquitto
+    address = BrokerAddress(host=broker.info.host, port=broker.info.port)
+    agent_processes(address, "r-1", *SLOW)
+    agent_processes(address, "r-2", *SLOW)
+    # Leases short enough that microtasks lost with the broker come back quickly.
+    coord = await coordinator_factory(address, lease_min_s=2.0, lease_factor=2.0)
+    await coord.wait_for_agents(2, timeout=60)
+    x, handle = await start_job(coord, digits)
+    await wait_until(lambda: coord.ledger.counts["completed"] >= 2, what="some progress")
+    await asyncio.to_thread(broker.kill)  # SIGKILL: nothing is flushed or saved
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(broker.start)  # same port, empty: no sessions, no retained
+    out = await handle.result(timeout=120)
+    assert_exact(out, x)
+    assert coord.ledger.counts["completed"] == out.result.tasks
+    # Both agents came back: each republished its birth on reconnecting.
+    await wait_until(
+        lambda: all(coord.registry.agents[a].available for a in ("r-1", "r-2")),
+        what="both agents back",
+    )
