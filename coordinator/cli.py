@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import numpy as np
 
 from protocol import BrokerAddress, JobError, JobStatus, OffloadError, json_schemas
@@ -189,6 +190,15 @@ def _address(args: argparse.Namespace) -> BrokerAddress:
         username=args.username or os.environ.get("EDGE_OFFLOAD_USERNAME"),
         password=args.password or os.environ.get("EDGE_OFFLOAD_PASSWORD"),
     )
+
+
+def _run_client(main: Coroutine[Any, Any, int]) -> int:
+    """Run a client command; an unreachable broker is an error message, not a traceback."""
+    try:
+        return asyncio.run(main)
+    except (OSError, TimeoutError, aiomqtt.MqttError) as e:
+        print(f"error: cannot reach the broker: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def _root(args: argparse.Namespace) -> dict[str, str]:
@@ -375,11 +385,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(f"outputs {', '.join(out.outputs)} written to {args.output}")
             return EXIT_OK
 
-    try:
-        return asyncio.run(run())
-    except (OSError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    return _run_client(run())
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
@@ -412,11 +418,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    try:
-        return asyncio.run(run())
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    return _run_client(run())
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -448,11 +450,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    try:
-        return asyncio.run(run())
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    return _run_client(run())
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from protocol import (
     BrokerAddress,
     CoordinatorState,
     Encoding,
+    ErrorInfo,
     InferenceJob,
     JobError,
     JobResult,
@@ -242,11 +243,4 @@ class OffloadClient:
             outputs = decode_tensors(result.outputs)
             future.set_result(JobOutput(job_id=result.job_id, outputs=outputs, result=result))
         else:
-            err = result.error
-            future.set_exception(
-                JobError(
-                    err.message if err else "job failed",
-                    job_id=result.job_id,
-                    code=err.code if err else "internal",
-                )
-            )
+            future.set_exception(ErrorInfo.job_error(result.error, result.job_id))

@@ -641,14 +641,7 @@ class Coordinator:
             if job.finished_ok:
                 job.future.set_result(JobOutput(job_id=job.job_id, outputs=outputs, result=result))
             else:
-                err = result.error
-                job.future.set_exception(
-                    JobError(
-                        err.message if err else "job failed",
-                        job_id=job.job_id,
-                        code=err.code if err else "internal",
-                    )
-                )
+                job.future.set_exception(ErrorInfo.job_error(result.error, job.job_id))
         if job.publish_result:
             if job.finished_ok:
                 result = result.model_copy(update={"outputs": encode_arrays(outputs)})

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol._base import Message, summarize
-from protocol.errors import ErrorCode, ModelError, ProtocolError
+from protocol.errors import ErrorCode, JobError, ModelError, ProtocolError
 from protocol.tensors import DType, Tensor
 
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
@@ -28,6 +28,13 @@ class ErrorInfo(Message):
 
     code: ErrorCode
     message: Annotated[str, Field(max_length=2000)]
+
+    @staticmethod
+    def job_error(error: ErrorInfo | None, job_id: str) -> JobError:
+        """The exception a submitter gets for a failed job."""
+        if error is None:
+            return JobError("job failed", job_id=job_id, code="internal")
+        return JobError(error.message, job_id=job_id, code=error.code)
 
 
 # -- agent -> all ----------------------------------------------------------------------------

@@ -122,6 +122,17 @@ def test_submit_reports_a_refused_job_and_bad_files(
     assert "unknown_model" in refused.stderr or "expected shape" in refused.stderr
 
 
+def test_unreachable_broker_is_an_error_message_and_exit_code_3(tmp_path: Path) -> None:
+    from coordinator.broker import free_port
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    for command in (["agents"], ["jobs"], ["submit", "digits-mlp", str(tmp_path / "x.npy")]):
+        done = cli(*command, "--broker", url)
+        assert done.returncode == 3, done.stderr
+        assert "cannot reach the broker" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_schema_prints_every_message() -> None:
     done = cli("schema")
     assert done.returncode == 0
