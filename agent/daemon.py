@@ -449,6 +449,7 @@ class Agent:
             slots=self.config.slots,
             completed=self.stats.completed,
             draining=self._draining,
+            active=list(self._active),
             temperature_c=_temperature(),
             battery_percent=_battery(),
         )

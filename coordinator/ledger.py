@@ -40,6 +40,7 @@ class Microtask:
     attempt: int = 0
     agent_id: str | None = None
     lease_until: float = 0.0
+    lease_s: float = 0.0
     dispatched_at: float = 0.0
     est_ms: float = 0.0
     # Attempts that count against max_attempts (hand-backs do not).
@@ -165,6 +166,7 @@ class Ledger:
         task.attempt += 1
         task.agent_id = agent.agent_id
         task.dispatched_at = time.monotonic()
+        task.lease_s = lease_s
         task.lease_until = task.dispatched_at + lease_s
         task.est_ms = est_ms
         if not agent.in_flight:
@@ -247,12 +249,21 @@ class Ledger:
         job.pending.appendleft(task)  # retried work goes first: it is holding the job up
         return True
 
+    def renew(self, task: Microtask, now: float) -> None:
+        """Extend a running microtask's lease by its original length, from ``now``."""
+        if task.lease_until - now < task.lease_s / 2:  # renew at most every half lease
+            task.lease_until = now + task.lease_s
+            heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
+            self.counts["renewed"] += 1
+
     def expired(self, now: float) -> list[Microtask]:
         """Running microtasks whose lease has passed (each attempt reported once)."""
         out = []
         while self._leases and self._leases[0][0] <= now:
             _, attempt, _, task = heapq.heappop(self._leases)
-            if task.state is TaskState.RUNNING and task.attempt == attempt:
+            # Entries left behind by a renewal or a finished attempt are skipped.
+            current = task.state is TaskState.RUNNING and task.attempt == attempt
+            if current and task.lease_until <= now:
                 out.append(task)
         return out
 

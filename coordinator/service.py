@@ -216,7 +216,15 @@ class Coordinator:
         known = self.registry.agents.get(agent_id)
         was_available = known is not None and known.available
         rec = self.registry.apply_heartbeat(hb)
-        if rec is not None and rec.available != was_available:
+        if rec is None:
+            return
+        if hb.active:
+            now = time.monotonic()
+            for task_id, attempt in hb.active:
+                task = rec.in_flight.get(task_id)
+                if task is not None and task.attempt == attempt:
+                    self.ledger.renew(task, now)
+        if rec.available != was_available:
             self._kick()
 
     def _on_result(self, agent_id: str, payload: bytes) -> None:

@@ -152,6 +152,9 @@ class Heartbeat(Envelope):
     slots: Annotated[int, Field(ge=1)]
     completed: Count
     draining: bool = False
+    # Every (task_id, attempt) the agent holds, running or queued: the coordinator renews
+    # their leases, so a long microtask on a live agent is never run twice.
+    active: Annotated[list[tuple[Id, Annotated[int, Field(ge=1)]]], Field(max_length=4096)] = []
     # Observed milliseconds per sample, per model id (exponentially weighted).
     model_ms: dict[str, NonNeg] = {}
     temperature_c: float | None = None

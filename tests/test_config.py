@@ -50,9 +50,7 @@ def test_agent_config_precedence(config_file: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.slots == 8 and cfg.agent_id == "press-7", "options beat both; None is unset"
 
 
-def test_coordinator_config_precedence(
-    config_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_coordinator_config_precedence(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = CoordinatorConfig.load(config_file)
     assert cfg.broker == BrokerAddress(host="central", port=1885)
     assert (cfg.policy, cfg.target_task_ms, cfg.max_attempts) == ("round_robin", 20.0, 5)
@@ -73,8 +71,14 @@ def test_broker_from_the_environment_when_nothing_else_says(
 
 @pytest.mark.parametrize(
     "bad",
-    [{"agent_id": "a/b"}, {"agent_id": "+"}, {"slots": 0}, {"slowdown": 0.5},
-     {"broker": "ws://x:1"}, {"labels": "nokey"}],
+    [
+        {"agent_id": "a/b"},
+        {"agent_id": "+"},
+        {"slots": 0},
+        {"slowdown": 0.5},
+        {"broker": "ws://x:1"},
+        {"labels": "nokey"},
+    ],
 )
 def test_invalid_agent_settings_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises((ValueError, ProtocolError)):

@@ -200,3 +200,21 @@ async def test_broker_restarted_mid_job_the_job_still_completes(
         lambda: all(coord.registry.agents[a].available for a in ("r-1", "r-2")),
         what="both agents back",
     )
+
+
+async def test_a_live_agent_renews_its_leases_so_long_work_is_not_run_twice(
+    address: BrokerAddress, agent_factory: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    # Each microtask takes about 2 s (a 400x slowed device) against a 1 s lease: only the
+    # heartbeats' renewals keep the coordinator from running it a second time.
+    agent = await agent_factory(
+        address, "long-1", slots=1, slowdown=400.0, heartbeat_s=0.2, benchmark=True
+    )
+    coord = await coordinator_factory(address, lease_min_s=1.0, lease_factor=0.1)
+    await coord.wait_for_agents(1)
+    x = np.tile(digits[0], (2, 1))[:3000]
+    out = await coord.run("digits-mlp", {"input": x}, batch_size=1500, timeout=60)
+    assert_exact(out, x, batch=1500)
+    assert out.result.retries == 0
+    assert coord.ledger.counts["renewed"] >= 2
+    assert agent.stats.received == 2 and agent.stats.completed == 2
