@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", type=Path, help="TOML file with a [coordinator] table")
     sp.add_argument("--policy", choices=["earliest_finish", "least_loaded", "round_robin"])
     sp.add_argument("--target-task-ms", type=float)
+    sp.add_argument(
+        "--journal",
+        type=Path,
+        help="SQLite file: jobs submitted over MQTT survive a coordinator restart",
+    )
     sp.set_defaults(func=cmd_coordinator)
 
     sp = sub.add_parser("submit", help="submit an inference job and write its outputs")
@@ -284,6 +289,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         "policy": args.policy,
         "target_task_ms": args.target_task_ms,
+        "journal": args.journal,
         **_root(args),
     }
     if args.broker or args.username:

@@ -46,6 +46,9 @@ class CoordinatorConfig:
     # "auto": binary tensor frames (protocol.codec) to agents that advertise them; "json":
     # JSON everywhere, e.g. to watch microtasks with mosquitto_sub.
     wire_encoding: Literal["auto", "json"] = "auto"
+    # SQLite journal of jobs submitted over MQTT: a restarted coordinator resumes them.
+    # None keeps jobs in memory only.
+    journal: Path | None = None
     status_interval_s: float = 0.5
 
     def with_(self, **changes: Any) -> CoordinatorConfig:
@@ -68,6 +71,8 @@ class CoordinatorConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("broker"), str):
             values["broker"] = BrokerAddress.parse(values["broker"])
+        if isinstance(values.get("journal"), str):
+            values["journal"] = Path(values["journal"])
         for name, value in list(values.items()):
             fld = names.get(name)
             if fld is not None and isinstance(value, str) and fld.type in ("int", "float"):

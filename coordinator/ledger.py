@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.handles import JobOutput
+from coordinator.journal import Journal, Recovered
 from coordinator.registry import AgentRecord
 from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor
 
@@ -76,6 +77,9 @@ class Job:
     future: asyncio.Future[JobOutput] | None = None
     publish_result: bool = True
     output_names: frozenset[str] = frozenset()
+    # Recorded in the journal, to be resumed by a restarted coordinator (jobs submitted
+    # over MQTT; an in-process submitter does not outlive its coordinator).
+    journaled: bool = False
 
     @property
     def job_id(self) -> str:
@@ -138,8 +142,9 @@ class Ledger:
     current attempt on the agent that holds the lease.
     """
 
-    def __init__(self, *, max_attempts: int) -> None:
+    def __init__(self, *, max_attempts: int, journal: Journal | None = None) -> None:
         self.max_attempts = max_attempts
+        self.journal = journal
         self.jobs: dict[str, Job] = {}
         # Jobs not finished yet, in submission order: what the dispatcher looks at.
         self.active: dict[str, Job] = {}
@@ -147,14 +152,38 @@ class Ledger:
         self._leases: list[tuple[float, int, str, Microtask]] = []
         self.counts: Counter[str] = Counter()
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, *, recovered: bool = False) -> None:
         self.jobs[job.job_id] = job
         self.active[job.job_id] = job
+        if self.journal is not None and job.publish_result:
+            job.journaled = True
+            if not recovered:
+                self.journal.job_added(job)
+
+    def restore(self, job: Job, recovered: Recovered) -> None:
+        """Re-create a journaled job as the journal last saw it: microtasks with a result
+        keep it, the others wait to run again with their attempt numbers carried on, so a
+        late result of an attempt from before the restart is recognised as stale."""
+        job.pending.clear()
+        for t in job.tasks:
+            t.attempt, t.charged = recovered.attempts.get(t.index, (0, 0))
+            if t.index in recovered.results:
+                agent_id, outputs = recovered.results[t.index]
+                t.state = TaskState.DONE
+                job.outputs[t.index] = outputs
+                job.done += 1
+                job.per_agent[agent_id] += t.samples
+                job.per_agent_tasks[agent_id] += 1
+            else:
+                job.pending.append(t)
+        self.add(job, recovered=True)
 
     def finished(self, job: Job) -> float:
         """Mark ``job`` finished (done or failed); returns when."""
         job.finished = time.monotonic()
         self.active.pop(job.job_id, None)
+        if job.journaled and self.journal is not None:
+            self.journal.job_finished(job)
         return job.finished
 
     def dispatch(
@@ -175,6 +204,8 @@ class Ledger:
         agent.queued_ms += est_ms
         heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
         self.counts["dispatched"] += 1
+        if task.job.journaled and self.journal is not None:
+            self.journal.task_changed(task)
         # Built from trusted parts: skip validation on the dispatch hot path.
         return RunTask.model_construct(
             task_id=task.task_id,
@@ -210,6 +241,8 @@ class Ledger:
         job.per_agent[agent.agent_id] += task.samples
         job.per_agent_tasks[agent.agent_id] += 1
         self.counts["completed"] += 1
+        if job.journaled and self.journal is not None:
+            self.journal.task_done(task, agent.agent_id, outputs)
 
     def retry(
         self,
@@ -234,6 +267,8 @@ class Ledger:
         self.counts["retried"] += 1
         if count_attempt:
             task.charged += 1
+        if job.journaled and self.journal is not None:
+            self.journal.task_changed(task)
         if task.charged >= self.max_attempts:
             task.state = TaskState.FAILED
             self.counts["failed"] += 1

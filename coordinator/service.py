@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from coordinator.config import CoordinatorConfig, PolicyName
 from coordinator.handles import JobHandle, JobOutput
+from coordinator.journal import Journal
 from coordinator.ledger import Job, Ledger, Microtask
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
@@ -74,7 +75,8 @@ class Coordinator:
         self.topics = Topics(config.root)
         self._submit_topic = self.topics.submit
         self.registry = Registry()
-        self.ledger = Ledger(max_attempts=config.max_attempts)
+        self.journal = Journal(config.journal) if config.journal is not None else None
+        self.ledger = Ledger(max_attempts=config.max_attempts, journal=self.journal)
         self.rejected: Counter[str] = Counter()
         self._policies: dict[str, Policy] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -100,6 +102,8 @@ class Coordinator:
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Coordinator:
         self._loop = asyncio.get_running_loop()
+        if self.journal is not None:
+            self._resume()
         self._tasks = [
             asyncio.create_task(self._link.run(), name="coordinator-link"),
             asyncio.create_task(self._housekeeping(), name="coordinator-housekeeping"),
@@ -120,6 +124,8 @@ class Coordinator:
                 )
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        if self.journal is not None:
+            self.journal.close()  # flushes what the last tick did not commit
         c = self.ledger.counts
         logger.info(
             "coordinator stopped: %d jobs, %d microtasks dispatched, %d completed, %d retried, "
@@ -130,6 +136,28 @@ class Coordinator:
             c["retried"],
             sum(self.rejected.values()),
         )
+
+    def _resume(self) -> None:
+        """Re-create the unfinished jobs of the journal (after a crash or a restart)."""
+        assert self.journal is not None
+        for rec in self.journal.unfinished():
+            spec = rec.spec
+            job = Job(
+                spec=spec,
+                arrays=rec.arrays,
+                batch_size=rec.batch_size,
+                policy=rec.policy,
+                client_id=spec.client_id,
+            )
+            job.split()
+            self.ledger.restore(job, rec)
+            self._jobs_order.append(job.job_id)
+            logger.warning(
+                "resumed job %s from the journal: %d of %d microtasks already done",
+                job.job_id,
+                job.done,
+                len(job.tasks),
+            )
 
     async def wait_connected(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self._link.connected.wait(), timeout)
@@ -149,6 +177,9 @@ class Coordinator:
 
     async def _on_connect(self, link: Link) -> None:
         self._state_dirty = True
+        for job in list(self.ledger.active.values()):
+            if job.done == len(job.tasks):  # resumed with every result already in
+                self._finish(job)
         # Work dispatched while the broker was away may never have arrived; leases recover
         # it. Dispatch what is pending now that messages can flow again.
         self._kick()
@@ -313,7 +344,9 @@ class Coordinator:
         except ProtocolError as e:
             self._reject(payload, "malformed", e.message)
             return
-        if spec.job_id in self.ledger.jobs:
+        if spec.job_id in self.ledger.jobs or (
+            self.journal is not None and self.journal.known(spec.job_id)
+        ):
             # QoS 1 redelivery or a client retry: submission is idempotent per job id.
             self.rejected["duplicate_job"] += 1
             logger.info("job %s submitted again; ignored", spec.job_id)
@@ -605,6 +638,11 @@ class Coordinator:
 
     # -- completion -----------------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
+        if job.journaled and self.journal is not None:
+            # Results are durable before the job is reported done. Marking it finished
+            # is committed later: a crash in between only means the (same) result is
+            # published once more after the restart.
+            self.journal.commit()
         elapsed = self.ledger.finished(job) - job.submitted
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         if job.finished_ok:
@@ -681,6 +719,8 @@ class Coordinator:
         last_status = last_state = 0.0
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
+            if self.journal is not None:
+                self.journal.commit()  # batched: one transaction per tick
             now = time.monotonic()
             for task in self.ledger.expired(now):
                 old = self.registry.agents.get(task.agent_id or "")

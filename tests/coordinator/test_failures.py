@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from coordinator import Coordinator
+from coordinator import Coordinator, OffloadClient
 from coordinator.broker import LocalBroker
 from protocol import (
     AgentState,
     BrokerAddress,
+    JobError,
     RunTask,
     TaskResult,
     Topics,
@@ -22,7 +27,7 @@ from protocol import (
     parse_task,
 )
 from tests.agent.test_agent import raw_client
-from tests.conftest import require_mosquitto, wait_until
+from tests.conftest import REPO, require_mosquitto, wait_until
 from tests.coordinator.test_jobs import direct
 
 # Emulated slow devices so that the job is still running when the fault is injected.
@@ -218,3 +223,74 @@ async def test_a_live_agent_renews_its_leases_so_long_work_is_not_run_twice(
     assert out.result.retries == 0
     assert coord.ledger.counts["renewed"] >= 2
     assert agent.stats.received == 2 and agent.stats.completed == 2
+
+
+async def test_coordinator_killed_mid_job_resumes_from_its_journal(
+    mosquitto_address: BrokerAddress,
+    root: str,
+    agent_processes: Any,
+    client_factory: Any,
+    digits: Any,
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    logs: list[Path] = []
+
+    def start_coordinator() -> subprocess.Popen[bytes]:
+        logs.append(tmp_path / f"coordinator-{len(logs)}.log")
+        with open(logs[-1], "wb") as log:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "coordinator.cli",
+                    "--log-level",
+                    "INFO",
+                    "coordinator",
+                    "--broker",
+                    mosquitto_address.url,
+                    "--root",
+                    root,
+                    "--journal",
+                    str(journal),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    agent_processes(mosquitto_address, "j-1", "--slots", "1", "--slowdown", "300")
+    agent_processes(mosquitto_address, "j-2", "--slots", "1", "--slowdown", "300")
+    first = start_coordinator()
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        client: OffloadClient = await client_factory(mosquitto_address)
+        state = None
+        for _ in range(300):  # until the coordinator knows both agents
+            with contextlib.suppress(JobError):
+                state = await client.coordinator_state(timeout=0.5)
+                if state.agents_online == 2:
+                    break
+            await asyncio.sleep(0.1)
+        assert state is not None and state.agents_online == 2
+        x = np.tile(digits[0], (3, 1))
+        handle = await client.submit("digits-mlp", x, batch_size=100)
+        for _ in range(300):  # until some microtasks are done (and journaled)
+            state = await client.coordinator_state(timeout=2)
+            if state.jobs and state.jobs[-1].tasks_done >= 6:
+                break
+            await asyncio.sleep(0.1)
+        first.kill()  # SIGKILL: no drain, no flush
+        assert await asyncio.to_thread(first.wait, 10) == -signal.SIGKILL
+        second = start_coordinator()
+        out = await handle.result(timeout=120)  # the client never resubmits
+        assert_exact(out, x)
+        resumed = logs[1].read_text()
+        assert f"resumed job {handle.job_id} from the journal" in resumed, resumed
+        done_before = int(resumed.split("journal: ")[1].split(" of ")[0])
+        assert 6 <= done_before < out.result.tasks, "resumed mid-job, with the work kept"
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 15)

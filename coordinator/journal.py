@@ -1,0 +1,182 @@
+"""The durable journal: jobs, microtask states and results in SQLite, for restarts."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol import InferenceJob, decode_tensors, encode, encode_arrays
+from protocol.codec import unframe
+from protocol.messages import JobResult
+
+if TYPE_CHECKING:
+    from coordinator.ledger import Job, Microtask
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    spec BLOB NOT NULL,          -- the InferenceJob as a binary frame, inputs included
+    batch_size INTEGER NOT NULL,
+    policy TEXT NOT NULL,
+    submitted REAL NOT NULL,     -- wall clock
+    finished INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    charged INTEGER NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    outputs BLOB NOT NULL,       -- a JobResult frame carrying this microtask's outputs
+    PRIMARY KEY (job_id, idx)
+);
+"""
+
+
+@dataclass
+class Recovered:
+    """An unfinished job as the journal last saw it."""
+
+    spec: InferenceJob
+    arrays: dict[str, np.ndarray[Any, Any]]
+    batch_size: int
+    policy: str
+    attempts: dict[int, tuple[int, int]]  # index -> (attempt, charged)
+    results: dict[int, tuple[str, dict[str, np.ndarray[Any, Any]]]]  # index -> (agent, outputs)
+
+
+class Journal:
+    """Write-behind journal of the ledger's transitions.
+
+    The ledger marks what changed; :meth:`commit` writes it in one transaction (the
+    coordinator commits every 100 ms, and before it reports a job done). WAL mode with
+    ``synchronous=NORMAL``: a committed transaction survives the coordinator process being
+    killed; a power cut may lose the last ones, whose microtasks then simply run again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._jobs: list[tuple[Any, ...]] = []
+        self._tasks: dict[tuple[str, int], tuple[int, int]] = {}
+        self._results: list[tuple[str, int, str, bytes]] = []
+        self._finished: list[str] = []
+        self.commits = 0
+
+    # -- marks (hot path: no I/O) ---------------------------------------------------------------
+    def job_added(self, job: Job) -> None:
+        spec = job.spec
+        if not spec.inputs:
+            spec = spec.model_copy(update={"inputs": encode_arrays(job.arrays)})
+        self._jobs.append(
+            (job.job_id, encode(spec, "binary"), job.batch_size, job.policy, time.time())
+        )
+        for t in job.tasks:
+            self._tasks[(job.job_id, t.index)] = (t.attempt, t.charged)
+
+    def task_changed(self, task: Microtask) -> None:
+        self._tasks[(task.job.job_id, task.index)] = (task.attempt, task.charged)
+
+    def task_done(self, task: Microtask, agent_id: str, outputs: dict[str, Any]) -> None:
+        frame = encode(
+            JobResult(job_id=task.job.job_id, ok=True, outputs=encode_arrays(outputs)), "binary"
+        )
+        self._results.append((task.job.job_id, task.index, agent_id, frame))
+
+    def job_finished(self, job: Job) -> None:
+        self._finished.append(job.job_id)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._jobs or self._tasks or self._results or self._finished)
+
+    # -- I/O ------------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Write everything marked since the last commit, atomically."""
+        if not self.dirty:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO jobs (job_id, spec, batch_size, policy, submitted) "
+                "VALUES (?, ?, ?, ?, ?)",
+                self._jobs,
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO tasks (job_id, idx, attempt, charged) VALUES (?,?,?,?)",
+                [(j, i, a, c) for (j, i), (a, c) in self._tasks.items()],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO results (job_id, idx, agent_id, outputs) VALUES (?,?,?,?)",
+                self._results,
+            )
+            for job_id in self._finished:
+                # A finished job's inputs and outputs have been delivered: keep only its row.
+                db.execute("UPDATE jobs SET finished = 1, spec = x'' WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._jobs, self._tasks, self._results, self._finished = [], {}, [], []
+        self.commits += 1
+
+    def known(self, job_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return row is not None
+
+    def unfinished(self) -> list[Recovered]:
+        """Every job not finished when the journal was last committed, in submission order."""
+        out = []
+        rows = self._db.execute(
+            "SELECT job_id, spec, batch_size, policy FROM jobs WHERE finished = 0 "
+            "ORDER BY submitted"
+        ).fetchall()
+        for job_id, spec_frame, batch_size, policy in rows:
+            spec = InferenceJob.model_validate(unframe(spec_frame), strict=True)
+            attempts = {
+                idx: (attempt, charged)
+                for idx, attempt, charged in self._db.execute(
+                    "SELECT idx, attempt, charged FROM tasks WHERE job_id = ?", (job_id,)
+                )
+            }
+            results = {}
+            for idx, agent_id, frame in self._db.execute(
+                "SELECT idx, agent_id, outputs FROM results WHERE job_id = ?", (job_id,)
+            ):
+                res = JobResult.model_validate(unframe(frame), strict=True)
+                results[idx] = (agent_id, decode_tensors(res.outputs))
+            out.append(
+                Recovered(
+                    spec=spec.model_copy(update={"inputs": {}}),
+                    arrays=decode_tensors(spec.inputs),
+                    batch_size=batch_size,
+                    policy=policy,
+                    attempts=attempts,
+                    results=results,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
