@@ -152,6 +152,9 @@ class Ledger:
         self._leases: list[tuple[float, int, str, Microtask]] = []
         self.counts: Counter[str] = Counter()
 
+    def _journal(self, job: Job) -> Journal | None:
+        return self.journal if job.journaled else None
+
     def add(self, job: Job, *, recovered: bool = False) -> None:
         self.jobs[job.job_id] = job
         self.active[job.job_id] = job
@@ -182,8 +185,8 @@ class Ledger:
         """Mark ``job`` finished (done or failed); returns when."""
         job.finished = time.monotonic()
         self.active.pop(job.job_id, None)
-        if job.journaled and self.journal is not None:
-            self.journal.job_finished(job)
+        if (journal := self._journal(job)) is not None:
+            journal.job_finished(job)
         return job.finished
 
     def dispatch(
@@ -204,8 +207,8 @@ class Ledger:
         agent.queued_ms += est_ms
         heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
         self.counts["dispatched"] += 1
-        if task.job.journaled and self.journal is not None:
-            self.journal.task_changed(task)
+        if (journal := self._journal(task.job)) is not None:
+            journal.task_changed(task)
         # Built from trusted parts: skip validation on the dispatch hot path.
         return RunTask.model_construct(
             task_id=task.task_id,
@@ -241,8 +244,8 @@ class Ledger:
         job.per_agent[agent.agent_id] += task.samples
         job.per_agent_tasks[agent.agent_id] += 1
         self.counts["completed"] += 1
-        if job.journaled and self.journal is not None:
-            self.journal.task_done(task, agent.agent_id, outputs)
+        if (journal := self._journal(job)) is not None:
+            journal.task_done(task, agent.agent_id, outputs)
 
     def retry(
         self,
@@ -267,8 +270,8 @@ class Ledger:
         self.counts["retried"] += 1
         if count_attempt:
             task.charged += 1
-        if job.journaled and self.journal is not None:
-            self.journal.task_changed(task)
+        if (journal := self._journal(job)) is not None:
+            journal.task_changed(task)
         if task.charged >= self.max_attempts:
             task.state = TaskState.FAILED
             self.counts["failed"] += 1
