@@ -10,7 +10,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import numpy as np
@@ -52,6 +52,9 @@ from protocol.codec import BINARY_MIN_BYTES
 from protocol.transport import Link, cancel_and_wait
 
 logger = logging.getLogger(__name__)
+
+# The messages agents publish; each names its sender, which must match the topic.
+FromAgent = TypeVar("FromAgent", AgentState, Heartbeat, TaskResult)
 
 # Finds a job id in a payload too large or too broken to parse, so the error still reaches
 # the job's own status topic.
@@ -199,23 +202,31 @@ class Coordinator:
             logger.warning("dropped %d-byte %s message from %s", len(payload), channel, agent_id)
             return
         if channel == "results":
-            self._on_result(agent_id, payload)
+            if (result := self._parse(TaskResult, agent_id, payload, "result")) is not None:
+                self._on_result(agent_id, result)
         elif channel == "heartbeat":
-            self._on_heartbeat(agent_id, payload)
-        elif channel == "state":
-            self._on_state(agent_id, payload)
+            if (hb := self._parse(Heartbeat, agent_id, payload, "heartbeat")) is not None:
+                self._on_heartbeat(agent_id, hb)
+        # state: an empty payload only clears a retained message
+        elif payload and (state := self._parse(AgentState, agent_id, payload, "state")):
+            self._on_state(agent_id, state)
 
-    def _on_state(self, agent_id: str, payload: bytes) -> None:
-        if not payload:  # a cleared retained message
-            return
+    def _parse(
+        self, cls: type[FromAgent], agent_id: str, payload: bytes, kind: str
+    ) -> FromAgent | None:
+        """Decode a message from an agent's topic; count and drop it if it is malformed or
+        claims to come from another agent than the topic's."""
         try:
-            msg = AgentState.from_json(payload)
+            msg = decode(cls, payload)
         except ProtocolError as e:
-            self._count_reject("malformed_state", agent_id, e)
-            return
+            self._count_reject(f"malformed_{kind}", agent_id, e)
+            return None
         if msg.agent_id != agent_id:
-            self._count_reject("forged_state", agent_id, msg.agent_id)
-            return
+            self._count_reject(f"forged_{kind}", agent_id, msg.agent_id)
+            return None
+        return msg
+
+    def _on_state(self, agent_id: str, msg: AgentState) -> None:
         rec, what = self.registry.apply_state(msg)
         if what in ("born", "reborn"):
             logger.info(
@@ -235,15 +246,7 @@ class Coordinator:
             self._requeue_agent(rec, f"agent offline: {msg.reason or 'death'}")
             self._state_dirty = True
 
-    def _on_heartbeat(self, agent_id: str, payload: bytes) -> None:
-        try:
-            hb = Heartbeat.from_json(payload)
-        except ProtocolError as e:
-            self._count_reject("malformed_heartbeat", agent_id, e)
-            return
-        if hb.agent_id != agent_id:
-            self._count_reject("forged_heartbeat", agent_id, hb.agent_id)
-            return
+    def _on_heartbeat(self, agent_id: str, hb: Heartbeat) -> None:
         known = self.registry.agents.get(agent_id)
         was_available = known is not None and known.available
         rec = self.registry.apply_heartbeat(hb)
@@ -258,14 +261,9 @@ class Coordinator:
         if rec.available != was_available:
             self._kick()
 
-    def _on_result(self, agent_id: str, payload: bytes) -> None:
-        try:
-            msg = decode(TaskResult, payload)
-        except ProtocolError as e:
-            self._count_reject("malformed_result", agent_id, e)
-            return
+    def _on_result(self, agent_id: str, msg: TaskResult) -> None:
         agent = self.registry.agents.get(agent_id)
-        if msg.agent_id != agent_id or agent is None:
+        if agent is None:  # no birth: nobody leased it anything
             self._count_reject("forged_result", agent_id, msg.agent_id)
             return
         agent.heard_from()
