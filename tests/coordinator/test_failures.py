@@ -41,6 +41,27 @@ async def start_job(
     return x, coord.submit_arrays("digits-mlp", {"input": x}, batch_size=batch)
 
 
+async def slow_fleet_with_a_job(
+    address: BrokerAddress,
+    agent_processes: Any,
+    coordinator_factory: Any,
+    digits: Any,
+    agent_ids: tuple[str, str],
+    **coordinator_options: Any,
+) -> tuple[Any, Coordinator, np.ndarray[Any, Any], Any]:
+    """Two slowed agent processes, a coordinator, and a job under way on them.
+
+    Returns the first agent's process (the one a test does something to), the
+    coordinator, the job's inputs and its handle.
+    """
+    target = agent_processes(address, agent_ids[0], *SLOW)
+    agent_processes(address, agent_ids[1], *SLOW)
+    coord = await coordinator_factory(address, **coordinator_options)
+    await coord.wait_for_agents(2, timeout=60)
+    x, handle = await start_job(coord, digits)
+    return target, coord, x, handle
+
+
 def assert_exact(out: Any, x: np.ndarray[Any, Any], batch: int = 100) -> None:
     parts = [direct(x[i : i + batch]) for i in range(0, len(x), batch)]
     assert np.array_equal(out["label"], np.concatenate([p[0] for p in parts]))
@@ -51,11 +72,9 @@ def assert_exact(out: Any, x: np.ndarray[Any, Any], batch: int = 100) -> None:
 async def test_agent_killed_mid_job_its_microtasks_run_elsewhere(
     mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
 ) -> None:
-    victim = agent_processes(mosquitto_address, "k-victim", *SLOW)
-    agent_processes(mosquitto_address, "k-survivor", *SLOW)
-    coord = await coordinator_factory(mosquitto_address)
-    await coord.wait_for_agents(2, timeout=60)
-    x, handle = await start_job(coord, digits)
+    victim, coord, x, handle = await slow_fleet_with_a_job(
+        mosquitto_address, agent_processes, coordinator_factory, digits, ("k-victim", "k-survivor")
+    )
     rec = coord.registry.agents["k-victim"]
     await wait_until(lambda: rec.completed >= 2, what="the victim to have done some work")
     victim.kill()  # SIGKILL: no drain; the broker publishes its Last Will
@@ -68,11 +87,9 @@ async def test_agent_killed_mid_job_its_microtasks_run_elsewhere(
 async def test_agent_drained_mid_job_hands_back_without_losing_work(
     mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
 ) -> None:
-    leaving = agent_processes(mosquitto_address, "d-leaving", *SLOW)
-    agent_processes(mosquitto_address, "d-staying", *SLOW)
-    coord = await coordinator_factory(mosquitto_address)
-    await coord.wait_for_agents(2, timeout=60)
-    x, handle = await start_job(coord, digits)
+    leaving, coord, x, handle = await slow_fleet_with_a_job(
+        mosquitto_address, agent_processes, coordinator_factory, digits, ("d-leaving", "d-staying")
+    )
     rec = coord.registry.agents["d-leaving"]
     await wait_until(lambda: rec.completed >= 1, what="the leaving agent to have done work")
     leaving.proc.send_signal(signal.SIGTERM)
@@ -85,14 +102,17 @@ async def test_agent_drained_mid_job_hands_back_without_losing_work(
 async def test_stalled_agent_loses_its_lease_and_its_late_results_are_dropped(
     mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
 ) -> None:
-    stalled = agent_processes(mosquitto_address, "s-stalled", *SLOW)
-    agent_processes(mosquitto_address, "s-healthy", *SLOW)
     # Short leases, and a death timeout long enough that only the lease can act.
-    coord = await coordinator_factory(
-        mosquitto_address, lease_min_s=1.0, lease_factor=1.0, dead_after_s=60.0
+    stalled, coord, x, handle = await slow_fleet_with_a_job(
+        mosquitto_address,
+        agent_processes,
+        coordinator_factory,
+        digits,
+        ("s-stalled", "s-healthy"),
+        lease_min_s=1.0,
+        lease_factor=1.0,
+        dead_after_s=60.0,
     )
-    await coord.wait_for_agents(2, timeout=60)
-    x, handle = await start_job(coord, digits)
     rec = coord.registry.agents["s-stalled"]
     await wait_until(lambda: len(rec.in_flight) > 0, what="work on the agent to stall")
     stalled.proc.send_signal(signal.SIGSTOP)
@@ -187,12 +207,16 @@ async def test_broker_restarted_mid_job_the_job_still_completes(
 ) -> None:
     broker = own_mosquitto
     address = BrokerAddress(host=broker.info.host, port=broker.info.port)
-    agent_processes(address, "r-1", *SLOW)
-    agent_processes(address, "r-2", *SLOW)
     # Leases short enough that microtasks lost with the broker come back quickly.
-    coord = await coordinator_factory(address, lease_min_s=2.0, lease_factor=2.0)
-    await coord.wait_for_agents(2, timeout=60)
-    x, handle = await start_job(coord, digits)
+    _, coord, x, handle = await slow_fleet_with_a_job(
+        address,
+        agent_processes,
+        coordinator_factory,
+        digits,
+        ("r-1", "r-2"),
+        lease_min_s=2.0,
+        lease_factor=2.0,
+    )
     await wait_until(lambda: coord.ledger.counts["completed"] >= 2, what="some progress")
     await asyncio.to_thread(broker.kill)  # SIGKILL: nothing is flushed or saved
     await asyncio.sleep(0.5)
