@@ -136,6 +136,11 @@ class AgentState(Envelope):
     ts: NonNeg
     reason: str | None = None
     capabilities: Capabilities | None = None
+    # In a birth: the (task_id, attempt) pairs this agent still holds from before this
+    # connection (running, queued, or finished with the result not yet delivered). The
+    # coordinator keeps those leases instead of re-dispatching the work, and the results
+    # follow the birth.
+    held: Annotated[list[tuple[Id, Annotated[int, Field(ge=1)]]], Field(max_length=65536)] = []
 
 
 class Heartbeat(Envelope):
