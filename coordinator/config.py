@@ -21,7 +21,13 @@ class CoordinatorConfig:
 
     broker: BrokerAddress = field(default_factory=BrokerAddress)
     root: str = DEFAULT_ROOT
-    client_id: str = "coordinator"
+    # MQTT client id; by default derived from ``root``, so coordinators of different
+    # roots on one broker do not take over each other's session.
+    client_id: str | None = None
+    # Keep the MQTT session (clean_session=False) across restarts: job submissions and
+    # results published while the coordinator is down are queued by the broker (up to
+    # its max_queued_messages) and delivered when it is back.
+    persistent_session: bool = True
     policy: PolicyName = "earliest_finish"
     # A microtask should take about this long on the fleet: long enough to amortise the
     # per-message overhead (~0.3 ms), short enough to balance, to recover cheaply, and to
@@ -50,6 +56,16 @@ class CoordinatorConfig:
     # None keeps jobs in memory only.
     journal: Path | None = None
     status_interval_s: float = 0.5
+    # A coordinator resuming jobs from the journal waits up to this long for every online
+    # agent to report (by heartbeat) the microtasks it still holds, before dispatching the
+    # rest; what an agent holds is taken over, not run again.
+    resume_grace_s: float = 5.0
+
+    @property
+    def mqtt_client_id(self) -> str:
+        if self.client_id:
+            return self.client_id
+        return "coordinator" if self.root == DEFAULT_ROOT else f"coordinator:{self.root}"
 
     def with_(self, **changes: Any) -> CoordinatorConfig:
         return replace(self, **changes)
@@ -75,6 +91,10 @@ class CoordinatorConfig:
             values["journal"] = Path(values["journal"])
         for name, value in list(values.items()):
             fld = names.get(name)
-            if fld is not None and isinstance(value, str) and fld.type in ("int", "float"):
+            if fld is None or not isinstance(value, str):
+                continue
+            if fld.type in ("int", "float"):
                 values[name] = int(value) if fld.type == "int" else float(value)
+            elif fld.type == "bool":
+                values[name] = value.strip().lower() in ("1", "true", "yes", "on")
         return cls(**values)

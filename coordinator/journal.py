@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS tasks (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,    -- the highest attempt number used or reserved
     charged INTEGER NOT NULL,
     PRIMARY KEY (job_id, idx)
 );
@@ -92,7 +92,7 @@ class Journal:
             self._tasks[(job.job_id, t.index)] = (t.attempt, t.charged)
 
     def task_changed(self, task: Microtask) -> None:
-        self._tasks[(task.job.job_id, task.index)] = (task.attempt, task.charged)
+        self._tasks[(task.job.job_id, task.index)] = (task.attempts_used, task.charged)
 
     def task_done(self, task: Microtask, agent_id: str, outputs: dict[str, Any]) -> None:
         frame = encode(

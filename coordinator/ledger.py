@@ -20,6 +20,12 @@ from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor
 
 logger = logging.getLogger(__name__)
 
+# A restarted coordinator numbers new attempts of a resumed microtask from the journaled
+# attempt plus this gap: attempts dispatched after the last commit before a crash (never
+# journaled) are below it, so a new attempt never reuses a number an agent already holds,
+# and a result or heartbeat naming an attempt below it comes from before the restart.
+RESTART_ATTEMPT_GAP = 1000
+
 
 class TaskState(enum.Enum):
     PENDING = "pending"
@@ -39,6 +45,8 @@ class Microtask:
     task_id: str
     state: TaskState = TaskState.PENDING
     attempt: int = 0
+    # Attempt numbers up to this one may be held by agents from before a restart.
+    attempt_floor: int = 0
     agent_id: str | None = None
     lease_until: float = 0.0
     lease_s: float = 0.0
@@ -51,6 +59,15 @@ class Microtask:
     @property
     def samples(self) -> int:
         return self.stop - self.start
+
+    @property
+    def attempts_used(self) -> int:
+        """The highest attempt number used or reserved (what the journal records)."""
+        return max(self.attempt, self.attempt_floor)
+
+    def from_before_restart(self, attempt: int) -> bool:
+        """``attempt`` may have been dispatched by a coordinator before this one's restart."""
+        return self.state is TaskState.PENDING and 0 < attempt <= self.attempt_floor
 
 
 @dataclass(eq=False)
@@ -80,6 +97,9 @@ class Job:
     # Recorded in the journal, to be resumed by a restarted coordinator (jobs submitted
     # over MQTT; an in-process submitter does not outlive its coordinator).
     journaled: bool = False
+    # A resumed job waits until then (monotonic) before dispatching, so the agents can
+    # first report the work they still hold from before the restart.
+    hold_until: float = 0.0
 
     @property
     def job_id(self) -> str:
@@ -170,6 +190,7 @@ class Ledger:
         job.pending.clear()
         for t in job.tasks:
             t.attempt, t.charged = recovered.attempts.get(t.index, (0, 0))
+            t.attempt_floor = t.attempt + RESTART_ATTEMPT_GAP
             if t.index in recovered.results:
                 agent_id, outputs = recovered.results[t.index]
                 t.state = TaskState.DONE
@@ -194,21 +215,8 @@ class Ledger:
     ) -> RunTask:
         assert task.state is TaskState.PENDING, task.state
         now = time.time()
-        task.state = TaskState.RUNNING
-        task.attempt += 1
-        task.agent_id = agent.agent_id
-        task.dispatched_at = time.monotonic()
-        task.lease_s = lease_s
-        task.lease_until = task.dispatched_at + lease_s
-        task.est_ms = est_ms
-        if not agent.in_flight:
-            agent.progress_mark = task.dispatched_at
-        agent.in_flight[task.task_id] = task
-        agent.queued_ms += est_ms
-        heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
+        self._run(task, agent, task.attempts_used + 1, lease_s=lease_s, est_ms=est_ms)
         self.counts["dispatched"] += 1
-        if (journal := self._journal(task.job)) is not None:
-            journal.task_changed(task)
         # Built from trusted parts: skip validation on the dispatch hot path.
         return RunTask.model_construct(
             task_id=task.task_id,
@@ -219,6 +227,36 @@ class Ledger:
             lease_until=now + lease_s,
             sent_at=now,
         )
+
+    def _run(
+        self, task: Microtask, agent: AgentRecord, attempt: int, *, lease_s: float, est_ms: float
+    ) -> None:
+        task.state = TaskState.RUNNING
+        task.attempt = attempt
+        task.agent_id = agent.agent_id
+        task.dispatched_at = time.monotonic()
+        task.lease_s = lease_s
+        task.lease_until = task.dispatched_at + lease_s
+        task.est_ms = est_ms
+        if not agent.in_flight:
+            agent.progress_mark = task.dispatched_at
+        agent.in_flight[task.task_id] = task
+        agent.queued_ms += est_ms
+        heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
+        if (journal := self._journal(task.job)) is not None:
+            journal.task_changed(task)
+
+    def adopt(
+        self, task: Microtask, agent: AgentRecord, attempt: int, *, lease_s: float, est_ms: float
+    ) -> None:
+        """PENDING -> RUNNING for an attempt dispatched before a restart that ``agent`` reports
+        holding: its lease is taken over instead of running the microtask again.
+
+        The task may still sit in its job's pending queue; the dispatcher skips it there.
+        """
+        assert task.from_before_restart(attempt), (task.state, attempt, task.attempt_floor)
+        self._run(task, agent, attempt, lease_s=lease_s, est_ms=est_ms)
+        self.counts["adopted"] += 1
 
     def _release(self, task: Microtask, agent: AgentRecord | None) -> None:
         if agent is not None and agent.in_flight.pop(task.task_id, None) is not None:

@@ -100,6 +100,7 @@ class AgentRecord:
     online: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: Heartbeat | None = None
+    heartbeat_at: float = 0.0  # monotonic time of the last heartbeat
     draining: bool = False
     # Silent for a while, or let a lease expire: no new work until it is heard from again.
     suspect: bool = False
@@ -196,6 +197,7 @@ class Registry:
         if rec is None or hb.seq < rec.seq or not rec.online:
             return None
         rec.heartbeat = hb
+        rec.heartbeat_at = time.monotonic()
         rec.heard_from()
         rec.draining = hb.draining
         return rec

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from coordinator.config import CoordinatorConfig, PolicyName
 from coordinator.handles import JobHandle, JobOutput
 from coordinator.journal import Journal
-from coordinator.ledger import Job, Ledger, Microtask
+from coordinator.ledger import Job, Ledger, Microtask, TaskState
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, Registry
@@ -65,6 +65,9 @@ _CLIENT_ID_RE = re.compile(rb'"client_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_.:-]{0,1
 MAX_PREFETCH_PER_SLOT = 32
 HOUSEKEEPING_S = 0.1
 JOBS_KEPT = 200
+# Results from agents whose birth has not arrived yet (a restarted coordinator gets its
+# queued session messages before the retained births) wait for it, this many at most.
+EARLY_RESULTS_LIMIT = 10_000
 
 
 class Coordinator:
@@ -88,9 +91,15 @@ class Coordinator:
         self._state_dirty = True
         self._job_counter = 0
         self._jobs_order: list[str] = []
+        # agent id -> results that arrived before the agent's birth, with arrival times
+        self._early_results: dict[str, list[tuple[float, TaskResult]]] = {}
+        self._early_count = 0
+        # When jobs were resumed from the journal (monotonic), while they are on hold.
+        self._resumed_at: float | None = None
         self._link = Link(
             address=config.broker,
-            client_id=config.client_id,
+            client_id=config.mqtt_client_id,
+            clean_session=not config.persistent_session,
             subscriptions=[
                 (self.topics.all_agents("state"), 1),
                 (self.topics.all_agents("heartbeat"), 0),
@@ -154,6 +163,8 @@ class Coordinator:
             )
             job.split()
             self.ledger.restore(job, rec)
+            job.hold_until = time.monotonic() + self.config.resume_grace_s
+            self._resumed_at = time.monotonic()
             self._jobs_order.append(job.job_id)
             logger.warning(
                 "resumed job %s from the journal: %d of %d microtasks already done",
@@ -237,8 +248,15 @@ class Coordinator:
                 sorted(rec.models) if rec else [],
             )
             if what == "reborn" and rec is not None and rec.in_flight:
-                # A new session: what the old one was running is gone.
-                self._requeue_agent(rec, "agent restarted", count_attempt=False)
+                # A new session: what the agent no longer holds is gone; what it holds
+                # (still running, or finished while it was cut off) keeps its lease.
+                self._requeue_agent(
+                    rec, "agent reconnected without it", count_attempt=False, keep=set(msg.held)
+                )
+            if rec is not None and (early := self._early_results.pop(agent_id, None)):
+                self._early_count -= len(early)
+                for _, result in early:
+                    self._on_result(agent_id, result)
             self._state_dirty = True
             self._kick()
         elif what == "died" and rec is not None:
@@ -258,16 +276,33 @@ class Coordinator:
                 task = rec.in_flight.get(task_id)
                 if task is not None and task.attempt == attempt:
                     self.ledger.renew(task, now)
+                elif task is None and rec.available:
+                    # Work dispatched before this coordinator restarted: take it over.
+                    held = self._find_task(task_id.rpartition(".")[0], task_id)
+                    if held is not None and held.from_before_restart(attempt):
+                        self._adopt(held, rec, attempt)
+        if self._resumed_at is not None and all(
+            a.heartbeat_at >= self._resumed_at for a in self.registry.online()
+        ):
+            self._release_resumed()
         if rec.available != was_available:
             self._kick()
 
     def _on_result(self, agent_id: str, msg: TaskResult) -> None:
         agent = self.registry.agents.get(agent_id)
-        if agent is None:  # no birth: nobody leased it anything
-            self._count_reject("forged_result", agent_id, msg.agent_id)
+        if agent is None:
+            # No birth yet: nobody leased it anything, unless this coordinator restarted
+            # and the birth is still on its way. Wait for it (bounded).
+            if self._early_count >= EARLY_RESULTS_LIMIT:
+                self._count_reject("result_from_unknown_agent", agent_id, msg.task_id)
+            else:
+                self._early_results.setdefault(agent_id, []).append((time.monotonic(), msg))
+                self._early_count += 1
             return
         agent.heard_from()
         task = self._find_task(msg.job_id, msg.task_id)
+        if task is not None and agent.online and task.from_before_restart(msg.attempt):
+            self._adopt(task, agent, msg.attempt)  # finished while this coordinator was down
         if task is None or not self.ledger.is_current(task, msg.attempt, agent_id):
             # A superseded attempt, a duplicate, or a job that already ended.
             self.rejected["stale_result"] += 1
@@ -436,7 +471,7 @@ class Coordinator:
         if isinstance(inputs, np.ndarray):
             inputs = {"input": inputs}
         self._job_counter += 1
-        job_id = job_id or f"{self.config.client_id}-{self._job_counter}"
+        job_id = job_id or f"coordinator-{self._job_counter}"
         if job_id in self.ledger.jobs:
             raise JobError(
                 f"job id {job_id!r} is already in use", job_id=job_id, code="bad_request"
@@ -545,7 +580,8 @@ class Coordinator:
         self._dispatch_scheduled = False
         if not self._link.connected.is_set():
             return
-        jobs = [j for j in self.ledger.active.values() if j.pending]
+        now = time.monotonic()
+        jobs = [j for j in self.ledger.active.values() if j.pending and j.hold_until <= now]
         if len(jobs) > 1:
             jobs.sort(key=lambda j: -j.spec.priority)  # stable: FIFO within a priority
         for job in jobs:
@@ -560,6 +596,9 @@ class Coordinator:
             backlog = self._backlog_ms(job, candidates)
             while job.pending:
                 task = job.pending[0]
+                if task.state is not TaskState.PENDING:  # taken over, or queued twice
+                    job.pending.popleft()
+                    continue
                 nbytes = task.samples * job.bytes_per_sample
                 ctx = Placement(credit=self.credit, payload_bytes=nbytes, backlog_ms=backlog)
                 agent = policy.choose(task, self._candidates_for(task, candidates), ctx)
@@ -576,10 +615,33 @@ class Coordinator:
         tried = {agent_id for agent_id, _, _ in task.failures}
         return [a for a in candidates if a.agent_id not in tried] or candidates
 
-    def _send(self, task: Microtask, agent: AgentRecord, nbytes: int) -> None:
+    def _lease(self, task: Microtask, agent: AgentRecord, nbytes: int) -> tuple[float, float]:
+        """(lease seconds, estimated execution ms) of ``task`` on ``agent``."""
         finish_ms = estimate_finish_ms(agent, task, nbytes)
         lease_s = max(self.config.lease_min_s, self.config.lease_factor * finish_ms / 1000)
-        est_ms = agent.costs[task.job.spec.model].estimate(task.samples)
+        return lease_s, agent.costs[task.job.spec.model].estimate(task.samples)
+
+    def _adopt(self, task: Microtask, agent: AgentRecord, attempt: int) -> None:
+        if not agent.has_model(task.job.spec.model):
+            return
+        lease_s, est_ms = self._lease(task, agent, 0)
+        self.ledger.adopt(task, agent, attempt, lease_s=lease_s, est_ms=est_ms)
+        logger.info(
+            "microtask %s attempt %d: taken over from before the restart, on %s",
+            task.task_id,
+            attempt,
+            agent.agent_id,
+        )
+
+    def _release_resumed(self) -> None:
+        """Resumed jobs may dispatch: the agents have reported what they hold."""
+        self._resumed_at = None
+        for job in self.ledger.active.values():
+            job.hold_until = 0.0
+        self._kick()
+
+    def _send(self, task: Microtask, agent: AgentRecord, nbytes: int) -> None:
+        lease_s, est_ms = self._lease(task, agent, nbytes)
         msg = self.ledger.dispatch(task, agent, lease_s=lease_s, est_ms=est_ms)
         # Binary frames pay from about 2 KiB of tensor data; below, pydantic's JSON is faster.
         encoding: Encoding = (
@@ -619,9 +681,16 @@ class Coordinator:
             self._finish(job)
 
     def _requeue_agent(
-        self, agent: AgentRecord, reason: str, *, count_attempt: bool = True
+        self,
+        agent: AgentRecord,
+        reason: str,
+        *,
+        count_attempt: bool = True,
+        keep: set[tuple[str, int]] | None = None,
     ) -> None:
-        tasks = list(agent.in_flight.values())
+        tasks = [
+            t for t in agent.in_flight.values() if not keep or (t.task_id, t.attempt) not in keep
+        ]
         if tasks:
             logger.warning(
                 "agent %s: re-dispatching %d microtasks (%s): %s",
@@ -720,6 +789,10 @@ class Coordinator:
             if self.journal is not None:
                 self.journal.commit()  # batched: one transaction per tick
             now = time.monotonic()
+            resumed = self._resumed_at
+            if resumed is not None and now - resumed >= self.config.resume_grace_s:
+                self._release_resumed()
+            self._expire_early_results(now)
             for task in self.ledger.expired(now):
                 old = self.registry.agents.get(task.agent_id or "")
                 logger.warning(
@@ -767,6 +840,15 @@ class Coordinator:
                     self._state_message(online=True).to_json(),
                     retain=True,
                 )
+
+    def _expire_early_results(self, now: float) -> None:
+        """Results whose agent never announced itself were not leased by anyone."""
+        limit = now - self.config.dead_after_s
+        for agent_id in [a for a, rs in self._early_results.items() if rs[0][0] < limit]:
+            results = self._early_results.pop(agent_id)
+            self._early_count -= len(results)
+            self._count_reject("result_from_unknown_agent", agent_id, f"{len(results)} results")
+            self.rejected["result_from_unknown_agent"] += len(results) - 1
 
     def _state_message(self, *, online: bool) -> CoordinatorState:
         now = time.monotonic()

@@ -276,10 +276,14 @@ class Link:
                         await self.on_connect(self)
                     self.connected.set()
                     logger.info("%s connected to %s", self.client_id, self.address.url)
-                    # Messages arrive through the fast path; this only waits for the
+                    # Messages arrive through the fast path; this loop sees only those
+                    # that came before it took over (a persistent session's queued
+                    # messages arrive right after CONNACK), then waits for the
                     # connection to end (aiomqtt raises MqttError when it does).
-                    async for _ in client.messages:
-                        pass
+                    async for m in client.messages:
+                        payload = m.payload
+                        if isinstance(payload, bytes | bytearray):
+                            self._dispatch(str(m.topic), bytes(payload))
             except aiomqtt.MqttError as e:
                 logger.warning(
                     "%s lost broker %s (%s); retrying in %.1fs",

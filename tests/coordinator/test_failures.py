@@ -283,8 +283,10 @@ async def test_coordinator_killed_mid_job_resumes_from_its_journal(
                 cwd=REPO,
             )
 
-    agent_processes(mosquitto_address, "j-1", "--slots", "1", "--slowdown", "300")
-    agent_processes(mosquitto_address, "j-2", "--slots", "1", "--slowdown", "300")
+    agents = [
+        agent_processes(mosquitto_address, a, "--slots", "1", "--slowdown", "300")
+        for a in ("j-1", "j-2")
+    ]
     first = start_coordinator()
     second: subprocess.Popen[bytes] | None = None
     try:
@@ -306,13 +308,26 @@ async def test_coordinator_killed_mid_job_resumes_from_its_journal(
             await asyncio.sleep(0.1)
         first.kill()  # SIGKILL: no drain, no flush
         assert await asyncio.to_thread(first.wait, 10) == -signal.SIGKILL
+        # Submitted while no coordinator runs: its session on the broker queues the job.
+        x2 = digits[0][:500]
+        handle2 = await client.submit("digits-mlp", x2, batch_size=100)
+        await asyncio.sleep(1.0)
         second = start_coordinator()
         out = await handle.result(timeout=120)  # the client never resubmits
         assert_exact(out, x)
+        assert_exact(await handle2.result(timeout=60), x2)
         resumed = logs[1].read_text()
         assert f"resumed job {handle.job_id} from the journal" in resumed, resumed
         done_before = int(resumed.split("journal: ")[1].split(" of ")[0])
         assert 6 <= done_before < out.result.tasks, "resumed mid-job, with the work kept"
+        # What the agents held across the restart was taken over, not run a second time:
+        # together they executed each microtask of both jobs exactly once.
+        assert "taken over from before the restart" in resumed, resumed
+        executed = 0
+        for agent in agents:
+            assert await asyncio.to_thread(agent.terminate) == 0
+            executed += int(agent.output().split(" received, ")[1].split(" completed")[0])
+        assert executed == out.result.tasks + 5
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
