@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -32,7 +31,7 @@ from protocol import (
     encode_arrays,
 )
 from protocol.codec import BINARY_MIN_BYTES
-from protocol.transport import FastPath, cancel_and_wait, connect_options
+from protocol.transport import Link, cancel_and_wait
 
 
 def _matches(topic: str, pattern: str) -> bool:
@@ -51,7 +50,8 @@ class OffloadClient:
          out = await client.run("digits-mlp", {"input": x})``
 
     The client subscribes once to its own reply topic, so a job costs one publish out
-    and one message back.
+    and one message back. It reconnects (capped, jittered backoff) when the broker goes
+    away; a job keeps waiting, and its result arrives if the broker is back by then.
     """
 
     def __init__(
@@ -64,9 +64,13 @@ class OffloadClient:
         self.address = BrokerAddress.parse(broker) if isinstance(broker, str) else broker
         self.topics = Topics(root)
         self.client_id = client_id or f"sdk-{uuid.uuid4().hex[:12]}"
-        self._client: aiomqtt.Client | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._fast: FastPath | None = None
+        self._link = Link(
+            address=self.address,
+            client_id=self.client_id,
+            subscriptions=[(self.topics.replies(self.client_id), 1)],
+            on_message=self._on_message,
+        )
+        self._runner: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Future[JobOutput]] = {}
         self._watchers: dict[str, StatusCallback] = {}
         self._agents: dict[str, AgentState] | None = None
@@ -74,33 +78,41 @@ class OffloadClient:
         self._counter = 0
 
     async def __aenter__(self) -> OffloadClient:
-        client = aiomqtt.Client(**connect_options(self.address, identifier=self.client_id))
-        await client.__aenter__()
-        self._client = client
-        self._fast = FastPath(client, self._on_message)
-        await client.subscribe(self.topics.replies(self.client_id), qos=1)
-        self._reader = asyncio.create_task(self._watch(), name="offload-client-watch")
+        # The first connection must succeed (an unreachable broker is an error to the
+        # caller); later ones are retried by the link.
+        self._runner = asyncio.create_task(
+            self._link.run(raise_first=True), name="offload-client-link"
+        )
+        connected = asyncio.ensure_future(self._link.connected.wait())
+        await asyncio.wait([self._runner, connected], return_when=asyncio.FIRST_COMPLETED)
+        if self._runner.done():
+            connected.cancel()
+            self._runner.result()  # raises the connection error
+            raise aiomqtt.MqttError("the connection ended before it was established")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            await cancel_and_wait([self._reader])
-        if self._client is not None:
-            # The fast path stays open until paho announces the socket's close: it is
-            # what flushes the DISCONNECT packet.
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.__aexit__(None, None, None)
-        if self._fast is not None:
-            self._fast.close()
+        if self._runner is not None:
+            await cancel_and_wait([self._runner])
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
 
     @property
     def mqtt(self) -> aiomqtt.Client:
-        if self._client is None:
+        """The current connection (raises :class:`aiomqtt.MqttError` while there is none)."""
+        if self._runner is None:
             raise RuntimeError("use 'async with OffloadClient(...)'")
-        return self._client
+        return self._link.client
+
+    async def _follow(self, topic: str, qos: int) -> None:
+        """Subscribe now and after every reconnection, until :meth:`_unfollow`."""
+        self._link.subscriptions.append((topic, qos))
+        await self.mqtt.subscribe(topic, qos=qos)
+
+    def _unfollow(self, job_id: str) -> None:
+        mine = (self.topics.status(job_id), self.topics.result(job_id))
+        self._link.subscriptions = [s for s in self._link.subscriptions if s[0] not in mine]
 
     # -- jobs -----------------------------------------------------------------------------------
     async def submit(
@@ -143,14 +155,13 @@ class OffloadClient:
         self._waiting[spec.job_id] = future
         if on_status is not None:
             self._watchers[spec.job_id] = on_status
-            await self.mqtt.subscribe(self.topics.status(spec.job_id), qos=0)
+            await self._follow(self.topics.status(spec.job_id), qos=0)
         if spec.client_id is None:
-            await self.mqtt.subscribe(self.topics.result(spec.job_id), qos=1)
-        assert self._fast is not None
+            await self._follow(self.topics.result(spec.job_id), qos=1)
         # Not awaiting the broker's PUBACK saves a round trip per job; the job's result
         # (or a timeout in result()) is the acknowledgement that matters.
         encoding: Encoding = spec.result_encoding  # the same size rule chose it
-        if not self._fast.publish(self.topics.submit, encode(spec, encoding), qos=1):
+        if not self._link.publish_nowait(self.topics.submit, encode(spec, encoding), qos=1):
             raise JobError("not connected to the broker", job_id=spec.job_id, code="internal")
         return JobHandle(spec.job_id, future)
 
@@ -192,19 +203,6 @@ class OffloadClient:
             self._coordinator = None
 
     # -- inbound --------------------------------------------------------------------------------
-    async def _watch(self) -> None:
-        """Fail every waiting job when the connection ends (messages use the fast path)."""
-        try:
-            async for _ in self.mqtt.messages:
-                pass
-        except aiomqtt.MqttError as e:
-            for job_id, fut in list(self._waiting.items()):
-                if not fut.done():
-                    fut.set_exception(
-                        JobError(f"lost the broker: {e}", job_id=job_id, code="internal")
-                    )
-            self._waiting.clear()
-
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
@@ -237,6 +235,7 @@ class OffloadClient:
     def _resolve(self, result: JobResult) -> None:
         future = self._waiting.pop(result.job_id, None)
         self._watchers.pop(result.job_id, None)
+        self._unfollow(result.job_id)
         if future is None or future.done():
             return
         if result.ok:

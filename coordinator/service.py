@@ -784,6 +784,7 @@ class Coordinator:
     # -- housekeeping ---------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
         last_status = last_state = 0.0
+        last_counted = 0
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             if self.journal is not None:
@@ -832,6 +833,9 @@ class Coordinator:
                 for job in self.ledger.active.values():
                     if job.done:
                         self._publish_status(job)
+            counted = self.ledger.counts.total() + self.rejected.total()
+            if counted != last_counted:
+                last_counted, self._state_dirty = counted, True
             if self._state_dirty and now - last_state >= 1.0 and self._link.connected.is_set():
                 last_state = now
                 self._state_dirty = False
@@ -868,6 +872,12 @@ class Coordinator:
                     error=job.error,
                 )
             )
+        counts = dict(self.ledger.counts)
+        counts.update((f"rejected_{k}", v) for k, v in self.rejected.items())
         return CoordinatorState(
-            online=online, ts=time.time(), agents_online=len(self.registry.online()), jobs=jobs
+            online=online,
+            ts=time.time(),
+            agents_online=len(self.registry.online()),
+            jobs=jobs,
+            counts=counts,
         )

@@ -320,6 +320,9 @@ class CoordinatorState(Envelope):
     ts: NonNeg
     agents_online: Count = 0
     jobs: list[JobSummary] = []
+    # Since start: microtasks dispatched, completed, retried, adopted (taken over after a
+    # restart), renewed leases, and rejected messages by reason (``rejected_<reason>``).
+    counts: dict[str, Count] = {}
 
 
 ALL_MESSAGES: tuple[type[Envelope], ...] = (

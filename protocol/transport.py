@@ -253,7 +253,9 @@ class Link:
         self.connected = asyncio.Event()
         self.connections = 0
 
-    async def run(self) -> None:
+    async def run(self, *, raise_first: bool = False) -> None:
+        """Connect and serve until cancelled. ``raise_first``: if the very first connection
+        attempt fails, raise its error instead of retrying (for interactive clients)."""
         delay = self._backoff[0]
         while True:
             client = aiomqtt.Client(
@@ -285,6 +287,8 @@ class Link:
                         if isinstance(payload, bytes | bytearray):
                             self._dispatch(str(m.topic), bytes(payload))
             except aiomqtt.MqttError as e:
+                if raise_first and self.connections == 0:
+                    raise
                 logger.warning(
                     "%s lost broker %s (%s); retrying in %.1fs",
                     self.client_id,
