@@ -21,6 +21,24 @@ def default_models_dirs() -> tuple[Path, ...]:
     return tuple(found[:1])
 
 
+def default_spool_dir(agent_id: str) -> Path | None:
+    """``$XDG_STATE_HOME/edge-offload/agent-{id}/results``, ``~/.local/state`` when unset.
+
+    None when there is no home directory either (results are then kept in memory only).
+    """
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG spec: relative values are invalid, ignore them
+        try:
+            state = str(Path.home() / ".local" / "state")
+        except RuntimeError:  # no home directory
+            return None
+    return Path(state) / "edge-offload" / f"agent-{agent_id}" / "results"
+
+
+# Stands for "default_spool_dir(agent_id)" until __post_init__ knows the agent id.
+_DEFAULT_SPOOL_DIR = Path("<per-agent default>")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """Everything an agent needs; pass it whole to :class:`agent.Agent`."""
@@ -44,15 +62,31 @@ class AgentConfig:
     benchmark: bool = True
     drain_timeout_s: float = 30.0
     max_payload_bytes: int = 64 * 2**20
+    # Results finished while the broker is unreachable are kept here, one file each, and
+    # published on reconnect (also after an agent restart). None keeps them in memory only.
+    spool_dir: Path | None = _DEFAULT_SPOOL_DIR
+    spool_max_items: int = 10_000
+    spool_max_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         check_id(self.agent_id, "agent id")
+        if self.spool_dir is _DEFAULT_SPOOL_DIR:
+            object.__setattr__(self, "spool_dir", default_spool_dir(self.agent_id))
+        if self.spool_max_items < 1 or self.spool_max_bytes < 1:
+            raise ValueError("spool_max_items and spool_max_bytes must be >= 1")
         if self.slots < 1:
             raise ValueError("slots must be >= 1")
         if self.slowdown < 1.0:
             raise ValueError("slowdown must be >= 1 (it only slows a device down)")
 
     def with_(self, **changes: Any) -> AgentConfig:
+        # A new agent id gets its own default spool: two agents must never share one.
+        if (
+            "agent_id" in changes
+            and "spool_dir" not in changes
+            and self.spool_dir == default_spool_dir(self.agent_id)
+        ):
+            changes["spool_dir"] = _DEFAULT_SPOOL_DIR
         return replace(self, **changes)
 
     @classmethod
@@ -96,11 +130,17 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         out["providers"] = tuple(p for p in out["providers"].split(",") if p)
     elif isinstance(out.get("providers"), list):
         out["providers"] = tuple(out["providers"])
+    if isinstance(out.get("spool_dir"), str):
+        # TOML has no null: an empty value or "none" turns the disk spool off.
+        text = out["spool_dir"].strip()
+        out["spool_dir"] = None if text.lower() in ("", "none") else Path(text)
     for name, kind in (
         ("slots", int),
         ("threads_per_slot", int),
         ("queue_limit", int),
         ("max_payload_bytes", int),
+        ("spool_max_items", int),
+        ("spool_max_bytes", int),
         ("heartbeat_s", float),
         ("slowdown", float),
         ("drain_timeout_s", float),

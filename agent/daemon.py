@@ -19,8 +19,9 @@ import aiomqtt
 import onnxruntime as ort
 import psutil
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, default_spool_dir
 from agent.providers import usable_providers
+from agent.spool import MemorySpool, ResultSpool
 from agent.store import ModelStore
 from protocol import (
     ENCODINGS,
@@ -48,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 # How many finished (task_id, attempt) keys are remembered to answer redeliveries once.
 SEEN_LIMIT = 100_000
-# Results kept while the broker is unreachable, published on reconnect.
-PENDING_RESULTS_LIMIT = 10_000
+# Most (task_id, attempt) pairs a birth may list (AgentState.held's max_length).
+HELD_LIMIT = 65536
 
 
 @dataclass(eq=False)
@@ -78,6 +79,10 @@ class AgentStats:
     misrouted: int = 0
     # Most microtasks ever executing at once (never above the slots).
     peak_running: int = 0
+    # Results kept (on disk, or in memory without a spool_dir) while the broker was
+    # unreachable, and results dropped because that spool was full or unwritable.
+    spooled: int = 0
+    spool_dropped: int = 0
 
 
 class Agent:
@@ -104,7 +109,10 @@ class Agent:
         self._wake_pending = False
         self._active: dict[tuple[str, int], _Active] = {}
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self._pending_results: list[tuple[str, bytes]] = []
+        # Results waiting for the broker; on disk once _prepare opens config.spool_dir.
+        self._spool: ResultSpool | MemorySpool = MemorySpool(
+            config.spool_max_items, config.spool_max_bytes
+        )
         self._seq = 0
         self._running = 0
         self._running_lock = threading.Lock()
@@ -158,16 +166,28 @@ class Agent:
             workers, self._workers = self._workers, []
             for w in workers:
                 await asyncio.to_thread(w.join)
+        if len(self._spool):
+            where = self.config.spool_dir
+            logger.warning(
+                "agent %s stopped with %d results not sent; %s",
+                self.config.agent_id,
+                len(self._spool),
+                f"they stay in {where} for the next start" if where else "they are lost",
+            )
+        self._spool.close()
         self._stopped.set()
         s = self.stats
         logger.info(
-            "agent %s stopped: %d received, %d completed, %d failed, %d duplicates, %d rejected",
+            "agent %s stopped: %d received, %d completed, %d failed, %d duplicates, "
+            "%d rejected, %d spooled, %d dropped",
             self.config.agent_id,
             s.received,
             s.completed,
             s.failed,
             s.duplicates,
             s.rejected,
+            s.spooled,
+            s.spool_dropped,
         )
 
     async def wait_connected(self, timeout: float = 30.0) -> None:
@@ -235,6 +255,18 @@ class Agent:
             encodings=list(ENCODINGS),
         )
         psutil.cpu_percent(interval=None)  # prime: the first call always returns 0.0
+        if cfg.spool_dir is not None:
+            # Opened last, so a failure above leaves no directory lock behind.
+            try:
+                self._spool = ResultSpool(cfg.spool_dir, cfg.spool_max_items, cfg.spool_max_bytes)
+            except OSError as e:
+                if cfg.spool_dir != default_spool_dir(cfg.agent_id):
+                    raise  # a directory the operator chose must work
+                # The default may be unwritable (read-only home on a device): run as before.
+                logger.warning("results wait in memory: cannot use %s: %s", cfg.spool_dir, e)
+            kept = self._spool.keys()
+            for key in kept:
+                self._remember(key)  # answered already: a redelivery must not run it again
 
     # -- MQTT -----------------------------------------------------------------------------------
     def _state(self, *, online: bool, reason: str | None = None) -> AgentState:
@@ -245,7 +277,16 @@ class Agent:
             ts=time.time(),
             reason=reason,
             capabilities=self.capabilities if online else None,
+            held=self._held() if online else [],
         )
+
+    def _held(self) -> list[tuple[str, int]]:
+        """What this agent still owes: microtasks running or queued, and results not yet sent."""
+        held = list(dict.fromkeys([*self._active, *self._spool.keys()]))
+        if len(held) > HELD_LIMIT:
+            logger.warning("birth lists %d of %d held microtasks", HELD_LIMIT, len(held))
+            del held[HELD_LIMIT:]
+        return held
 
     def _will(self) -> aiomqtt.Will:
         # A fresh sequence number per connection: the birth published on connect and this
@@ -265,11 +306,20 @@ class Agent:
             qos=1,
             retain=True,
         )
-        pending, self._pending_results = self._pending_results, []
-        for topic, payload in pending:
-            link.publish_nowait(topic, payload, qos=1)
-        if pending:
-            logger.info("published %d results kept while disconnected", len(pending))
+        # Kept results follow the birth that listed them, oldest first. The loop never
+        # awaits, so no result finishing now can slip in between them.
+        sent = 0
+        for entry in self._spool.items():
+            if not link.publish_nowait(entry.topic, entry.payload, qos=1):
+                break  # disconnected again: the rest waits for the next connection
+            self._spool.remove(entry)
+            sent += 1
+        if sent or len(self._spool):
+            logger.info(
+                "published %d results kept while disconnected; %d still kept",
+                sent,
+                len(self._spool),
+            )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         # Brokers are not always right about routing (amqtt 0.12 replays other clients'
@@ -391,7 +441,8 @@ class Agent:
 
     def _reply_error(self, task: RunTask, code: Any, message: str) -> None:
         self.stats.failed += 1
-        self._publish_result(self._error_result(task, code, message).to_json())
+        payload = self._error_result(task, code, message).to_json()
+        self._publish_result(payload, (task.task_id, task.attempt))
 
     def _worker(self) -> None:
         """One slot: take microtasks until told to stop; never runs on the event loop."""
@@ -415,20 +466,26 @@ class Agent:
             if active.cancelled.is_set() or not payload:
                 continue
             self.stats.completed += 1
-            self._publish_result(payload)
+            self._publish_result(payload, active.key)
         if not self._active:
             self._idle.set()
 
-    def _publish_result(self, payload: bytes) -> None:
+    def _publish_result(self, payload: bytes, key: tuple[str, int]) -> None:
         topic = self.topics.results(self.config.agent_id)
-        if not self._link.publish_nowait(topic, payload, qos=1):
-            if len(self._pending_results) < PENDING_RESULTS_LIMIT:
-                self._pending_results.append((topic, payload))
-            else:
-                logger.error(
-                    "result dropped: %d results already waiting for the broker",
-                    len(self._pending_results),
-                )
+        if self._link.publish_nowait(topic, payload, qos=1):
+            return
+        # No broker: keep it for the next connection, whose birth lists it as held.
+        if self._spool.put(topic, payload, key):
+            self.stats.spooled += 1
+            return
+        self.stats.spool_dropped += 1
+        logger.error(
+            "result %s/%d dropped: %d results (%d bytes) already wait for the broker",
+            key[0],
+            key[1],
+            len(self._spool),
+            self._spool.nbytes,
+        )
 
     # -- heartbeats -----------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiply service time to emulate a slower device (tests/benchmarks)",
     )
     sp.add_argument("--no-benchmark", action="store_true", help="skip the start-up self-benchmark")
+    sp.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="results finished while the broker is unreachable wait here "
+        '(default ~/.local/state/edge-offload/agent-ID/results; "none": memory only)',
+    )
     sp.set_defaults(func=cmd_agent)
 
     sp = sub.add_parser("coordinator", help="run the coordinator service")
@@ -270,6 +276,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "models_dirs": tuple(args.models_dir) if args.models_dir else None,
         "providers": tuple(args.provider) if args.provider else None,
         "benchmark": False if args.no_benchmark else None,
+        "spool_dir": args.spool_dir,
         **_root(args),
     }
     if args.broker or args.username:

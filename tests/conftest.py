@@ -102,12 +102,13 @@ async def coordinator_factory(
 
 
 @pytest.fixture
-async def agent_factory(root: str) -> AsyncIterator[Callable[..., Any]]:
+async def agent_factory(root: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process agents (models from models/, no self-benchmark unless asked)."""
     stack = contextlib.AsyncExitStack()
 
     async def start(address: BrokerAddress, agent_id: str, **overrides: Any) -> Agent:
         overrides.setdefault("benchmark", False)
+        overrides.setdefault("spool_dir", tmp_path / f"{agent_id}-spool")
         overrides.setdefault("heartbeat_s", 0.5)
         config = AgentConfig(
             agent_id=agent_id, broker=address, root=root, models_dirs=(MODELS,), **overrides
@@ -175,6 +176,8 @@ def agent_processes(root: str, tmp_path: Path) -> Iterator[Callable[..., AgentPr
             str(MODELS),
             "--heartbeat",
             "0.5",
+            "--spool-dir",
+            str(tmp_path / f"{agent_id}-spool"),
             *args,
         ]
         with open(log, "wb") as f:
