@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -20,6 +22,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Fault injection for the chaos suite: "before:N" or "after:N" makes the process SIGKILL
+# itself just before or just after its Nth journal commit, points a kill from outside
+# hits only by luck.
+CRASH_ENV = "EDGE_OFFLOAD_TEST_CRASH_AT_COMMIT"
+
+
+def _crash_point() -> tuple[str, int] | None:
+    value = os.environ.get(CRASH_ENV, "")
+    when, _, n = value.partition(":")
+    if when not in ("before", "after") or not n.isdigit():
+        return None
+    return when, int(n)
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -35,6 +51,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempt INTEGER NOT NULL,    -- the highest attempt number used or reserved
     charged INTEGER NOT NULL,
     PRIMARY KEY (job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL,
@@ -74,11 +94,20 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        # How many coordinators have opened this journal, this one included; committed at
+        # once, so every incarnation numbers its attempts in a range of its own.
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
+        self.incarnation = (row[0] if row else 0) + 1
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('incarnation', ?)",
+            (self.incarnation,),
+        )
         self._jobs: list[tuple[Any, ...]] = []
         self._tasks: dict[tuple[str, int], tuple[int, int]] = {}
         self._results: list[tuple[str, int, str, bytes]] = []
         self._finished: list[str] = []
         self.commits = 0
+        self._crash = _crash_point()
 
     # -- marks (hot path: no I/O) ---------------------------------------------------------------
     def job_added(self, job: Job) -> None:
@@ -133,12 +162,19 @@ class Journal:
                 db.execute("UPDATE jobs SET finished = 1, spec = x'' WHERE job_id = ?", (job_id,))
                 db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
                 db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            self._maybe_crash("before")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         self._jobs, self._tasks, self._results, self._finished = [], {}, [], []
         self.commits += 1
+        self._maybe_crash("after")
+
+    def _maybe_crash(self, when: str) -> None:
+        if self._crash is not None and self._crash == (when, self.commits + (when == "before")):
+            logger.warning("%s=%s:%d: killing this process", CRASH_ENV, *self._crash)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def known(self, job_id: str) -> bool:
         row = self._db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()

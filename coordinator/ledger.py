@@ -20,8 +20,8 @@ from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor
 
 logger = logging.getLogger(__name__)
 
-# A restarted coordinator numbers new attempts of a resumed microtask from the journaled
-# attempt plus this gap: attempts dispatched after the last commit before a crash (never
+# The Nth coordinator to open a journal numbers the new attempts of a resumed microtask
+# from N x this: attempts dispatched by earlier ones after their last commit (never
 # journaled) are below it, so a new attempt never reuses a number an agent already holds,
 # and a result or heartbeat naming an attempt below it comes from before the restart.
 RESTART_ATTEMPT_GAP = 1000
@@ -188,9 +188,10 @@ class Ledger:
         keep it, the others wait to run again with their attempt numbers carried on, so a
         late result of an attempt from before the restart is recognised as stale."""
         job.pending.clear()
+        incarnation = self.journal.incarnation if self.journal is not None else 1
         for t in job.tasks:
             t.attempt, t.charged = recovered.attempts.get(t.index, (0, 0))
-            t.attempt_floor = t.attempt + RESTART_ATTEMPT_GAP
+            t.attempt_floor = max(t.attempt, incarnation * RESTART_ATTEMPT_GAP)
             if t.index in recovered.results:
                 agent_id, outputs = recovered.results[t.index]
                 t.state = TaskState.DONE

@@ -68,6 +68,11 @@ JOBS_KEPT = 200
 # Results from agents whose birth has not arrived yet (a restarted coordinator gets its
 # queued session messages before the retained births) wait for it, this many at most.
 EARLY_RESULTS_LIMIT = 10_000
+# Just after connecting, the retained births are still arriving (and a persistent
+# session's queued submissions may come first): a job for a model no agent is known to
+# have yet waits this long before it is judged.
+BIRTHS_GRACE_S = 2.0
+EARLY_SUBMITS_LIMIT = 1_000
 
 
 class Coordinator:
@@ -94,6 +99,8 @@ class Coordinator:
         # agent id -> results that arrived before the agent's birth, with arrival times
         self._early_results: dict[str, list[tuple[float, TaskResult]]] = {}
         self._early_count = 0
+        self._connected_at = 0.0
+        self._early_submits: list[bytes] = []
         # When jobs were resumed from the journal (monotonic), while they are on hold.
         self._resumed_at: float | None = None
         self._link = Link(
@@ -190,6 +197,7 @@ class Coordinator:
         )
 
     async def _on_connect(self, link: Link) -> None:
+        self._connected_at = time.monotonic()
         self._state_dirty = True
         for job in list(self.ledger.active.values()):
             if job.done == len(job.tasks):  # resumed with every result already in
@@ -376,6 +384,16 @@ class Coordinator:
             spec = decode(InferenceJob, payload)
         except ProtocolError as e:
             self._reject(payload, "malformed", e.message)
+            return
+        if (
+            self.registry.model_info(spec.model) is None
+            and (
+                not self._link.connected.is_set()  # still (re)connecting
+                or time.monotonic() - self._connected_at < BIRTHS_GRACE_S
+            )
+            and len(self._early_submits) < EARLY_SUBMITS_LIMIT
+        ):
+            self._early_submits.append(payload)  # judged once the births are in
             return
         if spec.job_id in self.ledger.jobs or (
             self.journal is not None and self.journal.known(spec.job_id)
@@ -794,6 +812,10 @@ class Coordinator:
             if resumed is not None and now - resumed >= self.config.resume_grace_s:
                 self._release_resumed()
             self._expire_early_results(now)
+            if self._early_submits and now - self._connected_at >= BIRTHS_GRACE_S:
+                early, self._early_submits = self._early_submits, []
+                for payload in early:
+                    self._on_submit(payload)
             for task in self.ledger.expired(now):
                 old = self.registry.agents.get(task.agent_id or "")
                 logger.warning(

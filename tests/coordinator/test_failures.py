@@ -320,14 +320,15 @@ async def test_coordinator_killed_mid_job_resumes_from_its_journal(
         assert f"resumed job {handle.job_id} from the journal" in resumed, resumed
         done_before = int(resumed.split("journal: ")[1].split(" of ")[0])
         assert 6 <= done_before < out.result.tasks, "resumed mid-job, with the work kept"
-        # What the agents held across the restart was taken over, not run a second time:
-        # together they executed each microtask of both jobs exactly once.
+        # What the agents held across the restart was taken over, not run a second time.
+        # Only a result accepted in the last 100 ms before the kill (not yet committed)
+        # runs again: with microtasks of ~200 ms, at most one per agent.
         assert "taken over from before the restart" in resumed, resumed
         executed = 0
         for agent in agents:
             assert await asyncio.to_thread(agent.terminate) == 0
             executed += int(agent.output().split(" received, ")[1].split(" completed")[0])
-        assert executed == out.result.tasks + 5
+        assert out.result.tasks + 5 <= executed <= out.result.tasks + 5 + len(agents)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
