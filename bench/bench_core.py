@@ -38,7 +38,8 @@ BEST_RAW_BATCH = 1024
 
 def digits() -> np.ndarray[Any, Any]:
     with np.load(REPO / "models" / "digits_samples.npz") as data:
-        return data["x"].astype(np.float32)
+        x: np.ndarray[Any, Any] = data["x"].astype(np.float32)
+    return x
 
 
 @contextlib.contextmanager
@@ -102,7 +103,7 @@ def raw_two_processes(xs: np.ndarray[Any, Any], batch: int) -> float:
     results = [q.get() for _ in range(4)]
     for p in procs:
         p.join()
-    times = [r for r in results if not isinstance(r, str)]
+    times = [float(r) for r in results if not isinstance(r, str)]
     return len(xs) / max(times)
 
 
