@@ -59,6 +59,9 @@ class AgentConfig:
     # Multiplies service time (by sleeping after each run) to emulate a slower device in
     # tests and benchmarks. Advertised in the birth so nobody mistakes it for real speed.
     slowdown: float = 1.0
+    # Fault injection for tests and the chaos suite: this fraction of results carries
+    # wrong outputs (right names, shapes and dtypes), as a faulty or hostile device would.
+    corrupt_outputs: float = 0.0
     benchmark: bool = True
     drain_timeout_s: float = 30.0
     max_payload_bytes: int = 64 * 2**20
@@ -78,6 +81,8 @@ class AgentConfig:
             raise ValueError("slots must be >= 1")
         if self.slowdown < 1.0:
             raise ValueError("slowdown must be >= 1 (it only slows a device down)")
+        if not 0.0 <= self.corrupt_outputs <= 1.0:
+            raise ValueError("corrupt_outputs is a fraction between 0 and 1")
 
     def with_(self, **changes: Any) -> AgentConfig:
         # A new agent id gets its own default spool: two agents must never share one.
@@ -143,6 +148,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         ("spool_max_bytes", int),
         ("heartbeat_s", float),
         ("slowdown", float),
+        ("corrupt_outputs", float),
         ("drain_timeout_s", float),
     ):
         if isinstance(out.get(name), str):

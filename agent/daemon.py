@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import queue
+import random
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+import numpy as np
 import onnxruntime as ort
 import psutil
 
@@ -406,6 +408,8 @@ class Agent:
                 # Emulated slower device: hold the slot for the extra service time.
                 active.cancelled.wait((time.perf_counter() - t0) * (self.config.slowdown - 1.0))
             exec_ms = (time.perf_counter() - t0) * 1000
+            if self.config.corrupt_outputs and random.random() < self.config.corrupt_outputs:
+                outs = [_corrupt(o) for o in outs]
             result = TaskResult(
                 task_id=task.task_id,
                 job_id=task.job_id,
@@ -511,6 +515,14 @@ class Agent:
             battery_percent=_battery(),
         )
         self._link.publish_nowait(self.topics.heartbeat(self.config.agent_id), hb.to_json(), qos=0)
+
+
+def _corrupt(out: Any) -> Any:
+    """A wrong output of the same name, shape and dtype (fault injection)."""
+    arr = np.asarray(out)
+    if arr.dtype == np.bool_:
+        return ~arr
+    return (arr + 1).astype(arr.dtype)
 
 
 def _power_source() -> Any:
