@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="multiply service time to emulate a slower device (tests/benchmarks)",
     )
+    sp.add_argument(
+        "--corrupt-outputs",
+        type=float,
+        metavar="FRACTION",
+        help="answer this fraction of microtasks with wrong outputs (fault injection)",
+    )
     sp.add_argument("--no-benchmark", action="store_true", help="skip the start-up self-benchmark")
     sp.add_argument(
         "--spool-dir",
@@ -137,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, help="samples per microtask (default: automatic)")
     sp.add_argument("--policy", choices=["earliest_finish", "least_loaded", "round_robin"])
     sp.add_argument("--job-id")
+    sp.add_argument(
+        "--redundancy",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run every microtask on K distinct agents and keep the majority's outputs",
+    )
+    sp.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="with --redundancy: float outputs agree within this (relative and absolute)",
+    )
     sp.add_argument("--timeout", type=float, default=600.0)
     sp.add_argument("--watch", action="store_true", help="show a progress bar")
     sp.set_defaults(func=cmd_submit)
@@ -272,6 +291,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "threads_per_slot": args.threads_per_slot,
         "heartbeat_s": args.heartbeat_s,
         "slowdown": args.slowdown,
+        "corrupt_outputs": args.corrupt_outputs,
         "labels": parse_labels(args.label) if args.label else None,
         "models_dirs": tuple(args.models_dir) if args.models_dir else None,
         "providers": tuple(args.provider) if args.provider else None,
@@ -377,6 +397,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 policy=args.policy,
                 job_id=args.job_id,
                 on_status=progress.update if progress else None,
+                redundancy=args.redundancy,
+                tolerance=args.tolerance,
             )
             try:
                 out = await handle.result(args.timeout)
@@ -393,6 +415,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             )
             for agent_id, share in r.per_agent.items():
                 print(f"  {agent_id}: {share.samples} samples ({share.tasks} microtasks)")
+            for agent_id, n in r.disagreements.items():
+                print(f"  {agent_id}: outputs disagreed with the majority {n} times")
             if args.output:
                 save_outputs(args.output, out.outputs)
                 print(f"outputs {', '.join(out.outputs)} written to {args.output}")

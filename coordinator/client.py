@@ -125,9 +125,12 @@ class OffloadClient:
         priority: int = 0,
         job_id: str | None = None,
         on_status: StatusCallback | None = None,
+        redundancy: int = 1,
+        tolerance: float = 0.0,
     ) -> JobHandle:
         """Submit an inference job; ``inputs`` is one array (for single-input models) or
-        a mapping of input name to array, split along axis 0."""
+        a mapping of input name to array, split along axis 0. ``redundancy=k`` runs every
+        microtask on k distinct agents and keeps the majority's outputs."""
         if isinstance(inputs, np.ndarray):
             inputs = {"input": inputs}
         self._counter += 1
@@ -142,6 +145,8 @@ class OffloadClient:
                 "batch_size": batch_size,
                 "policy": policy,
                 "priority": priority,
+                "redundancy": redundancy,
+                "tolerance": tolerance,
                 "client_id": self.client_id,
                 "result_encoding": "binary" if big else "json",
             }

@@ -44,6 +44,15 @@ class CoordinatorConfig:
     lease_min_s: float = 10.0
     lease_factor: float = 4.0
     max_attempts: int = 3
+    # With redundancy: an agent whose outputs disagree with the majority gets no more of
+    # that job's work.
+    exclude_disagreeing: bool = True
+    # Near the end of a job (nothing left to dispatch), a microtask running this many
+    # times longer than estimated (and at least speculate_min_ms) gets a second copy on
+    # an idle agent; the first result wins and the other copy is cancelled.
+    speculate: bool = True
+    speculate_factor: float = 4.0
+    speculate_min_ms: float = 200.0
     # An agent silent this long (no heartbeat, no result) gets no new work (suspect)...
     suspect_after_s: float = 6.0
     # ... and this long, is treated as dead: its microtasks run elsewhere.

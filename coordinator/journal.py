@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
+    idx INTEGER NOT NULL,        -- the unit of work (tasks.idx is the copy)
     agent_id TEXT NOT NULL,
     outputs BLOB NOT NULL,       -- a JobResult frame carrying this microtask's outputs
     PRIMARY KEY (job_id, idx)
@@ -75,7 +75,7 @@ class Recovered:
     batch_size: int
     policy: str
     attempts: dict[int, tuple[int, int]]  # index -> (attempt, charged)
-    results: dict[int, tuple[str, dict[str, np.ndarray[Any, Any]]]]  # index -> (agent, outputs)
+    results: dict[int, tuple[str, dict[str, np.ndarray[Any, Any]]]]  # unit -> (agent, outputs)
 
 
 class Journal:
@@ -127,7 +127,8 @@ class Journal:
         frame = encode(
             JobResult(job_id=task.job.job_id, ok=True, outputs=encode_arrays(outputs)), "binary"
         )
-        self._results.append((task.job.job_id, task.index, agent_id, frame))
+        # Keyed by unit of work: what the job keeps, whichever copy produced it.
+        self._results.append((task.job.job_id, task.unit, agent_id, frame))
 
     def job_finished(self, job: Job) -> None:
         self._finished.append(job.job_id)

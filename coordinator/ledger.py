@@ -8,6 +8,7 @@ import heapq
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,17 +33,43 @@ class TaskState(enum.Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    # Not needed any more: another copy of the same unit of work was accepted.
+    CANCELLED = "cancelled"
+
+
+def outputs_agree(
+    a: dict[str, np.ndarray[Any, Any]], b: dict[str, np.ndarray[Any, Any]], tolerance: float
+) -> bool:
+    """Equal outputs: floats within ``tolerance`` (relative and absolute), others exactly."""
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if np.issubdtype(x.dtype, np.floating) and tolerance > 0:
+            if not np.allclose(x, y, rtol=tolerance, atol=tolerance, equal_nan=True):
+                return False
+        elif not np.array_equal(x, y, equal_nan=np.issubdtype(x.dtype, np.inexact)):
+            return False
+    return True
 
 
 @dataclass(eq=False, slots=True)
 class Microtask:
-    """Samples ``[start, stop)`` of one job."""
+    """One copy of unit ``unit`` of a job: samples ``[start, stop)``.
+
+    A unit has one copy, or ``redundancy`` copies that must agree, plus any copy started
+    to overtake a straggler; the first outputs that reach the unit's quorum are kept and
+    the other copies are cancelled.
+    """
 
     job: Job
     index: int
     start: int
     stop: int
     task_id: str
+    unit: int = 0
     state: TaskState = TaskState.PENDING
     attempt: int = 0
     # Attempt numbers up to this one may be held by agents from before a restart.
@@ -55,6 +82,9 @@ class Microtask:
     # Attempts that count against max_attempts (hand-backs do not).
     charged: int = 0
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    # A copy's outputs while its unit waits for the others to agree.
+    outputs: dict[str, np.ndarray[Any, Any]] | None = None
+    speculative: bool = False
 
     @property
     def samples(self) -> int:
@@ -82,13 +112,20 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     finished: float | None = None
     tasks: list[Microtask] = field(default_factory=list)
+    # The copies of each unit of work, by unit index.
+    units: list[list[Microtask]] = field(default_factory=list)
     pending: deque[Microtask] = field(default_factory=deque)
+    # Accepted outputs, by unit.
     outputs: list[dict[str, np.ndarray[Any, Any]] | None] = field(default_factory=list)
-    done: int = 0
+    done: int = 0  # units with accepted outputs
     retries: int = 0
     error: ErrorInfo | None = None
     per_agent: Counter[str] = field(default_factory=Counter)
     per_agent_tasks: Counter[str] = field(default_factory=Counter)
+    # Agents whose outputs disagreed with the majority (redundancy > 1), and how often;
+    # with ``exclude`` they get no more of this job's work.
+    disagreements: Counter[str] = field(default_factory=Counter)
+    excluded: set[str] = field(default_factory=set)
     bytes_per_sample: int = 0
     # In-process submitters wait on this; MQTT submitters get the result topic instead.
     future: asyncio.Future[JobOutput] | None = None
@@ -110,8 +147,20 @@ class Job:
         return self.tasks[-1].stop if self.tasks else 0
 
     @property
+    def redundancy(self) -> int:
+        return self.spec.redundancy
+
+    @property
+    def quorum(self) -> int:
+        return self.spec.redundancy // 2 + 1
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.units)
+
+    @property
     def finished_ok(self) -> bool:
-        return self.done == len(self.tasks) and self.error is None
+        return self.complete and self.error is None
 
     @property
     def terminal(self) -> bool:
@@ -126,17 +175,34 @@ class Job:
     def split(self) -> None:
         n = next(iter(self.arrays.values())).shape[0]
         self.bytes_per_sample = sum(a[:1].nbytes for a in self.arrays.values())
-        for i, start in enumerate(range(0, n, self.batch_size)):
-            t = Microtask(
-                job=self,
-                index=i,
-                start=start,
-                stop=min(start + self.batch_size, n),
-                task_id=f"{self.job_id}.{i}",
-            )
-            self.tasks.append(t)
-            self.pending.append(t)
-        self.outputs = [None] * len(self.tasks)
+        for unit, start in enumerate(range(0, n, self.batch_size)):
+            self.units.append([])
+            for _ in range(self.redundancy):
+                self.pending.append(self._copy(unit, start, min(start + self.batch_size, n)))
+        self.outputs = [None] * len(self.units)
+
+    def _copy(self, unit: int, start: int, stop: int) -> Microtask:
+        index = len(self.tasks)
+        t = Microtask(
+            job=self, index=index, start=start, stop=stop, task_id=f"{self.job_id}.{index}"
+        )
+        t.unit = unit
+        self.tasks.append(t)
+        self.units[unit].append(t)
+        return t
+
+    def add_copy(self, unit: int, *, speculative: bool = False) -> Microtask:
+        """One more copy of ``unit``, first in line for dispatch."""
+        first = self.units[unit][0]
+        t = self._copy(unit, first.start, first.stop)
+        t.speculative = speculative
+        self.pending.appendleft(t)
+        return t
+
+    def live_copies(self, unit: int) -> list[Microtask]:
+        return [
+            t for t in self.units[unit] if t.state in (TaskState.PENDING, TaskState.RUNNING)
+        ]
 
     def inputs_for(self, task: Microtask) -> dict[str, Tensor]:
         return {
@@ -146,8 +212,8 @@ class Job:
     def assemble(self) -> dict[str, np.ndarray[Any, Any]]:
         """Outputs of all microtasks concatenated along the batch axis, in input order."""
         parts = [p for p in self.outputs if p is not None]
-        if len(parts) != len(self.tasks):
-            raise RuntimeError(f"job {self.job_id}: {len(self.tasks) - len(parts)} parts missing")
+        if len(parts) != len(self.units):
+            raise RuntimeError(f"job {self.job_id}: {len(self.units) - len(parts)} parts missing")
         names = list(parts[0]) if parts else []
         return {name: np.concatenate([p[name] for p in parts], axis=0) for name in names}
 
@@ -192,15 +258,17 @@ class Ledger:
         for t in job.tasks:
             t.attempt, t.charged = recovered.attempts.get(t.index, (0, 0))
             t.attempt_floor = max(t.attempt, incarnation * RESTART_ATTEMPT_GAP)
-            if t.index in recovered.results:
-                agent_id, outputs = recovered.results[t.index]
-                t.state = TaskState.DONE
-                job.outputs[t.index] = outputs
+        for unit, copies in enumerate(job.units):
+            if unit in recovered.results:
+                agent_id, outputs = recovered.results[unit]
+                for t in copies:
+                    t.state = TaskState.DONE
+                job.outputs[unit] = outputs
                 job.done += 1
-                job.per_agent[agent_id] += t.samples
+                job.per_agent[agent_id] += copies[0].samples
                 job.per_agent_tasks[agent_id] += 1
             else:
-                job.pending.append(t)
+                job.pending.extend(copies)
         self.add(job, recovered=True)
 
     def finished(self, job: Job) -> float:
@@ -272,19 +340,100 @@ class Ledger:
         )
 
     def complete(
-        self, task: Microtask, agent: AgentRecord, outputs: dict[str, np.ndarray[Any, Any]]
-    ) -> None:
-        """RUNNING -> DONE with the accepted outputs (caller checked :meth:`is_current`)."""
+        self,
+        task: Microtask,
+        agent: AgentRecord,
+        outputs: dict[str, np.ndarray[Any, Any]],
+        agents: Mapping[str, AgentRecord],
+        *,
+        exclude_disagreeing: bool = True,
+    ) -> list[Microtask]:
+        """RUNNING -> DONE with these outputs (caller checked :meth:`is_current`).
+
+        The unit's outputs are accepted once ``quorum`` copies agree (one, without
+        redundancy); the unit's other copies are then cancelled, and the running ones
+        are returned so their agents can be told. Copies that disagreed are counted
+        against their agents. If the copies can no longer reach a quorum, more are
+        queued, up to a bound after which the job fails.
+        """
         self._release(task, agent)
         task.state = TaskState.DONE
-        job = task.job
-        job.outputs[task.index] = outputs
-        job.done += 1
-        job.per_agent[agent.agent_id] += task.samples
-        job.per_agent_tasks[agent.agent_id] += 1
         self.counts["completed"] += 1
+        job = task.job
+        if job.outputs[task.unit] is not None:
+            return []  # decided already
+        task.outputs = outputs
+        copies = job.units[task.unit]
+        groups: list[list[Microtask]] = []
+        for t in copies:
+            if t.state is TaskState.DONE and t.outputs is not None:
+                for g in groups:
+                    if outputs_agree(g[0].outputs or {}, t.outputs, job.spec.tolerance):
+                        g.append(t)
+                        break
+                else:
+                    groups.append([t])
+        best = max(groups, key=len)
+        if len(best) >= job.quorum:
+            return self._accept(job, best, agents, exclude_disagreeing=exclude_disagreeing)
+        missing = job.quorum - len(best) - len(job.live_copies(task.unit))
+        if missing > 0:
+            # More copies than redundancy + max_attempts for one unit: the results will
+            # not agree, and the job fails rather than run the unit forever.
+            if len(copies) + missing > job.redundancy + self.max_attempts:
+                job.error = ErrorInfo(
+                    code="no_majority",
+                    message=f"unit {task.unit} (samples {task.start}-{task.stop - 1}): "
+                    f"no {job.quorum} of {len(copies)} results agree; agents by agreeing "
+                    "group: "
+                    + "; ".join(",".join(t.agent_id or "?" for t in g) for g in groups),
+                )
+                return []
+            for _ in range(missing):
+                job.add_copy(task.unit)
+        return []
+
+    def _accept(
+        self,
+        job: Job,
+        group: list[Microtask],
+        agents: Mapping[str, AgentRecord],
+        *,
+        exclude_disagreeing: bool,
+    ) -> list[Microtask]:
+        first = group[0]
+        unit = first.unit
+        assert first.outputs is not None and first.agent_id is not None
+        job.outputs[unit] = first.outputs
+        job.done += 1
+        job.per_agent[first.agent_id] += first.samples
+        job.per_agent_tasks[first.agent_id] += 1
+        agreed = {id(t) for t in group}
+        cancelled = []
+        for t in job.units[unit]:
+            if t.state is TaskState.DONE and id(t) not in agreed and t.agent_id is not None:
+                job.disagreements[t.agent_id] += 1
+                self.counts["disagreements"] += 1
+                if exclude_disagreeing:
+                    job.excluded.add(t.agent_id)
+                logger.warning(
+                    "job %s unit %d: %s disagreed with the majority (%s)",
+                    job.job_id,
+                    unit,
+                    t.agent_id,
+                    ", ".join(g.agent_id or "?" for g in group),
+                )
+            elif t.state is TaskState.RUNNING:
+                self._release(t, agents.get(t.agent_id or ""))
+                cancelled.append(t)
+                t.state = TaskState.CANCELLED
+            elif t.state is TaskState.PENDING:
+                t.state = TaskState.CANCELLED  # the dispatcher skips it in the queue
+            t.outputs = None
+        self.counts["cancelled"] += len(cancelled)
         if (journal := self._journal(job)) is not None:
-            journal.task_done(task, agent.agent_id, outputs)
+            journal.task_done(first, first.agent_id, job.outputs[unit] or {})
+        return cancelled
 
     def retry(
         self,

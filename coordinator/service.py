@@ -177,7 +177,7 @@ class Coordinator:
                 "resumed job %s from the journal: %d of %d microtasks already done",
                 job.job_id,
                 job.done,
-                len(job.tasks),
+                len(job.units),
             )
 
     async def wait_connected(self, timeout: float = 30.0) -> None:
@@ -200,7 +200,7 @@ class Coordinator:
         self._connected_at = time.monotonic()
         self._state_dirty = True
         for job in list(self.ledger.active.values()):
-            if job.done == len(job.tasks):  # resumed with every result already in
+            if job.complete:  # resumed with every result already in
                 self._finish(job)
         # Work dispatched while the broker was away may never have arrived; leases recover
         # it. Dispatch what is pending now that messages can flow again.
@@ -325,9 +325,16 @@ class Coordinator:
                 self._retry(task, agent, "bad_result", e.message)
             else:
                 self._observe(agent, task, msg)
-                self.ledger.complete(task, agent, outputs)
+                cancelled = self.ledger.complete(
+                    task,
+                    agent,
+                    outputs,
+                    self.registry.agents,
+                    exclude_disagreeing=self.config.exclude_disagreeing,
+                )
                 agent.completed += 1
-                if job.done == len(job.tasks):
+                self._send_cancels(cancelled)
+                if job.complete or (job.error is not None and not job.terminal):
                     self._finish(job)
         else:
             err = msg.error or ErrorInfo(code="internal", message="no error given")
@@ -441,6 +448,13 @@ class Coordinator:
         n = sizes.pop()
         if n == 0:
             raise OffloadError("job has no samples", code="bad_input")
+        able = [a for a in self.registry.online() if a.available and a.has_model(spec.model)]
+        if spec.redundancy > len(able):
+            raise OffloadError(
+                f"redundancy {spec.redundancy} needs {spec.redundancy} distinct agents with "
+                f"model {spec.model!r}; {len(able)} available",
+                code="no_capacity",
+            )
         policy = spec.policy or self.config.policy
         job = Job(
             spec=spec,
@@ -457,13 +471,14 @@ class Coordinator:
         self._jobs_order.append(job.job_id)
         self._forget_old_jobs()
         logger.info(
-            "job %s: %d samples of %s in %d microtasks of %d (%s)",
+            "job %s: %d samples of %s in %d microtasks of %d (%s%s)",
             job.job_id,
             n,
             spec.model,
-            len(job.tasks),
+            len(job.units),
             job.batch_size,
             policy,
+            f", each on {spec.redundancy} agents" if spec.redundancy > 1 else "",
         )
         if publish_result:
             self._publish_status(job)
@@ -481,6 +496,8 @@ class Coordinator:
         policy: PolicyName | None = None,
         priority: int = 0,
         job_id: str | None = None,
+        redundancy: int = 1,
+        tolerance: float = 0.0,
     ) -> JobHandle:
         """Submit a job from this process (no broker hop to the coordinator).
 
@@ -502,6 +519,8 @@ class Coordinator:
                 batch_size=batch_size,
                 policy=policy,
                 priority=priority,
+                redundancy=redundancy,
+                tolerance=tolerance,
             )
             assert self._loop is not None, "use 'async with Coordinator(...)'"
             future: asyncio.Future[JobOutput] = self._loop.create_future()
@@ -612,26 +631,51 @@ class Coordinator:
                 continue
             policy = self._policy(job.policy)
             backlog = self._backlog_ms(job, candidates)
+            unplaceable: list[Microtask] = []
             while job.pending:
                 task = job.pending[0]
-                if task.state is not TaskState.PENDING:  # taken over, or queued twice
+                if task.state is not TaskState.PENDING:  # taken over, cancelled, or queued twice
                     job.pending.popleft()
+                    continue
+                eligible = self._candidates_for(task, candidates)
+                if not eligible:  # every live agent already ran a copy of this unit
+                    unplaceable.append(job.pending.popleft())
                     continue
                 nbytes = task.samples * job.bytes_per_sample
                 ctx = Placement(credit=self.credit, payload_bytes=nbytes, backlog_ms=backlog)
-                agent = policy.choose(task, self._candidates_for(task, candidates), ctx)
+                agent = policy.choose(task, eligible, ctx)
                 if agent is None or self.credit(agent) <= 0:
                     break
                 job.pending.popleft()
                 self._send(task, agent, nbytes)
+            job.pending.extendleft(reversed(unplaceable))
 
     @staticmethod
     def _candidates_for(task: Microtask, candidates: list[AgentRecord]) -> list[AgentRecord]:
-        """A retried microtask avoids the agents it already failed on, if it can."""
+        """Copies of one unit run on distinct agents; agents that disagreed with a majority
+        get no more of the job; a retried microtask avoids the agents it already failed
+        on, if it can."""
+        job = task.job
+        copies = job.units[task.unit]
+        if len(copies) > 1 or job.excluded:
+            busy = {
+                t.agent_id
+                for t in copies
+                if t is not task and t.state in (TaskState.RUNNING, TaskState.DONE)
+            }
+            busy |= job.excluded
+            candidates = [a for a in candidates if a.agent_id not in busy]
         if not task.failures:
             return candidates
         tried = {agent_id for agent_id, _, _ in task.failures}
         return [a for a in candidates if a.agent_id not in tried] or candidates
+
+    def _send_cancels(self, tasks: list[Microtask]) -> None:
+        for task in tasks:
+            self._link.publish_nowait(
+                self.topics.tasks(task.agent_id or ""),
+                CancelTask(task_id=task.task_id, attempt=task.attempt).to_json(),
+            )
 
     def _lease(self, task: Microtask, agent: AgentRecord, nbytes: int) -> tuple[float, float]:
         """(lease seconds, estimated execution ms) of ``task`` on ``agent``."""
@@ -737,7 +781,7 @@ class Coordinator:
                 ok=True,
                 model=job.spec.model,
                 samples=job.samples,
-                tasks=len(job.tasks),
+                tasks=len(job.units),
                 batch_size=job.batch_size,
                 elapsed_s=elapsed,
                 retries=job.retries,
@@ -745,6 +789,7 @@ class Coordinator:
                     a: AgentShare(samples=s, tasks=job.per_agent_tasks[a])
                     for a, s in sorted(job.per_agent.items())
                 },
+                disagreements=dict(job.disagreements),
             )
             logger.info(
                 "job %s done: %d samples in %.3fs, %d retries",
@@ -754,11 +799,7 @@ class Coordinator:
                 job.retries,
             )
         else:
-            for task in self.ledger.cancel_job(job, self.registry.agents):
-                self._link.publish_nowait(
-                    self.topics.tasks(task.agent_id or ""),
-                    CancelTask(task_id=task.task_id, attempt=task.attempt).to_json(),
-                )
+            self._send_cancels(self.ledger.cancel_job(job, self.registry.agents))
             result = JobResult(
                 job_id=job.job_id,
                 ok=False,
@@ -766,6 +807,7 @@ class Coordinator:
                 error=job.error,
                 elapsed_s=elapsed,
                 retries=job.retries,
+                disagreements=dict(job.disagreements),
             )
             logger.error("job %s failed: %s", job.job_id, job.error.message if job.error else "?")
         if job.future is not None and not job.future.done():
@@ -790,7 +832,7 @@ class Coordinator:
         status = JobStatus(
             job_id=job.job_id,
             state=job.state,
-            tasks_total=len(job.tasks),
+            tasks_total=len(job.units),
             tasks_done=job.done,
             samples_total=job.samples,
             samples_done=sum(job.per_agent.values()),
@@ -833,6 +875,8 @@ class Coordinator:
                     old.suspect = True
                 self._retry(task, old, "lease_expired", "no result before the lease expired")
                 self._kick()
+            if self.config.speculate:
+                self._speculate(now)
             for agent in self.registry.silent(self.config.suspect_after_s):
                 if not agent.suspect:
                     logger.warning(
@@ -867,6 +911,47 @@ class Coordinator:
                     retain=True,
                 )
 
+    def _speculate(self, now: float) -> None:
+        """Overtake stragglers: when a job has nothing left to hand out and agents sit
+        idle, a microtask running far beyond its estimate gets a copy on one of them."""
+        for job in self.ledger.active.values():
+            if any(t.state is TaskState.PENDING for t in job.pending):
+                continue  # work still waiting: idle agents get that first
+            model = job.spec.model
+            idle = [
+                a
+                for a in self.registry.agents.values()
+                if a.available and not a.in_flight and a.has_model(model)
+            ]
+            if not idle:
+                continue
+            late: list[tuple[float, Microtask]] = []
+            for agent in self.registry.agents.values():
+                for t in agent.in_flight.values():
+                    if t.job is not job or any(c.speculative for c in job.units[t.unit]):
+                        continue
+                    elapsed_ms = (now - t.dispatched_at) * 1000
+                    expected_ms = max(t.est_ms, agent.exec_ms_avg) + agent.latency_ms
+                    limit = max(
+                        self.config.speculate_factor * expected_ms, self.config.speculate_min_ms
+                    )
+                    if elapsed_ms > limit:
+                        late.append((elapsed_ms, t))
+            late.sort(key=lambda e: -e[0])
+            for elapsed_ms, t in late[: len(idle)]:
+                job.add_copy(t.unit, speculative=True)
+                self.ledger.counts["speculated"] += 1
+                logger.info(
+                    "microtask %s running %.0f ms on %s (estimate %.0f ms): "
+                    "started a copy on an idle agent",
+                    t.task_id,
+                    elapsed_ms,
+                    t.agent_id,
+                    t.est_ms,
+                )
+            if late:
+                self._kick()
+
     def _expire_early_results(self, now: float) -> None:
         """Results whose agent never announced itself were not leased by anyone."""
         limit = now - self.config.dead_after_s
@@ -887,7 +972,7 @@ class Coordinator:
                     model=job.spec.model,
                     policy=job.policy,
                     samples=job.samples,
-                    tasks_total=len(job.tasks),
+                    tasks_total=len(job.units),
                     tasks_done=job.done,
                     retries=job.retries,
                     elapsed_s=(job.finished or now) - job.submitted,

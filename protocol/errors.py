@@ -14,6 +14,7 @@ ErrorCode = Literal[
     "no_capacity",  # no live agent can run the model
     "execution_failed",  # onnxruntime raised while running a microtask
     "exhausted",  # microtask failed on every allowed attempt
+    "no_majority",  # redundant results never agreed (redundancy=k)
     "draining",  # the receiver is shutting down
     "forbidden",  # sender is not allowed to do this
     "internal",

@@ -231,6 +231,11 @@ class InferenceJob(Envelope):
     client_id: Id | None = None
     # Encoding of the job_result message (protocol.codec); JSON unless asked.
     result_encoding: Literal["json", "binary"] = "json"
+    # For untrusted fleets: run every microtask on this many distinct agents and keep the
+    # output a majority of them agree on; float outputs agree within ``tolerance``
+    # (relative and absolute, as numpy.allclose), integers and booleans exactly.
+    redundancy: Annotated[int, Field(ge=1, le=9)] = 1
+    tolerance: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
 
 
 JobState = Literal["accepted", "running", "done", "failed"]
@@ -270,6 +275,8 @@ class JobResult(Envelope):
     elapsed_s: NonNeg = 0.0
     retries: Count = 0
     per_agent: dict[str, AgentShare] = {}
+    # With redundancy: agents whose outputs disagreed with the majority, and how often.
+    disagreements: dict[str, Count] = {}
 
 
 class Rejection(Envelope):

@@ -102,7 +102,8 @@ async def test_agent_drained_mid_job_hands_back_without_losing_work(
 async def test_stalled_agent_loses_its_lease_and_its_late_results_are_dropped(
     mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
 ) -> None:
-    # Short leases, and a death timeout long enough that only the lease can act.
+    # Short leases, and a death timeout long enough that only the lease can act (no
+    # straggler copies either: this is about leases).
     stalled, coord, x, handle = await slow_fleet_with_a_job(
         mosquitto_address,
         agent_processes,
@@ -112,6 +113,7 @@ async def test_stalled_agent_loses_its_lease_and_its_late_results_are_dropped(
         lease_min_s=1.0,
         lease_factor=1.0,
         dead_after_s=60.0,
+        speculate=False,
     )
     rec = coord.registry.agents["s-stalled"]
     await wait_until(lambda: len(rec.in_flight) > 0, what="work on the agent to stall")

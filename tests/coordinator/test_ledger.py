@@ -59,7 +59,7 @@ def test_only_the_current_attempt_on_the_leaseholder_counts() -> None:
     assert not ledger.is_current(t, 1, "a"), "the superseded attempt's late result is dropped"
     assert not ledger.is_current(t, 2, "a"), "only the leaseholder may answer"
     assert ledger.is_current(t, 2, "b")
-    ledger.complete(t, b, {"y": np.zeros((2, 2), np.float32)})
+    ledger.complete(t, b, {"y": np.zeros((2, 2), np.float32)}, {"b": b})
     assert not ledger.is_current(t, 2, "b"), "a duplicate of the accepted result is dropped"
     assert j.done == 1 and j.per_agent == {"b": 2}
 
@@ -109,3 +109,98 @@ def test_round_robin_takes_turns_even_when_an_agent_is_faster() -> None:
         "fast",
         "slow",
     ]
+
+
+def redundant_job(redundancy: int, tolerance: float = 0.0) -> Job:
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    spec = InferenceJob(
+        job_id="r",
+        model="m",
+        inputs=encode_arrays({"x": x}),
+        redundancy=redundancy,
+        tolerance=tolerance,
+    )
+    j = Job(spec=spec, arrays={"x": x}, batch_size=2, policy="earliest_finish")
+    j.split()
+    return j
+
+
+def y(value: float) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+    return {"y": np.full((2, 2), value, np.float32)}
+
+
+def test_redundant_copies_keep_the_majority_and_report_the_dissenter() -> None:
+    ledger = Ledger(max_attempts=3)
+    j = redundant_job(3)
+    ledger.add(j)
+    assert len(j.units) == 2 and len(j.tasks) == 6 and j.quorum == 2
+    agents = {n: agent(n, 0.01) for n in ("a", "liar", "c")}
+    copies = j.units[0]
+    for t, name in zip(copies, ("a", "liar", "c"), strict=True):
+        ledger.dispatch(t, agents[name], lease_s=10, est_ms=1)
+    assert ledger.complete(copies[1], agents["liar"], y(666.0), agents) == []
+    assert ledger.complete(copies[0], agents["a"], y(1.0), agents) == []
+    assert j.done == 0, "one against one: no majority yet"
+    assert ledger.complete(copies[2], agents["c"], y(1.0), agents) == []
+    assert j.done == 1 and np.array_equal(j.outputs[0]["y"], y(1.0)["y"])  # type: ignore[index]
+    assert j.disagreements == {"liar": 1} and j.excluded == {"liar"}
+    assert j.per_agent == {"a": 2}, "the unit counts once, for the first agreeing copy"
+
+
+def test_a_quorum_cancels_the_copies_still_running() -> None:
+    ledger = Ledger(max_attempts=3)
+    j = redundant_job(3)
+    agents = {n: agent(n, 0.01) for n in ("a", "b", "c")}
+    copies = j.units[1]
+    for t, name in zip(copies, "abc", strict=True):
+        ledger.dispatch(t, agents[name], lease_s=10, est_ms=1)
+    ledger.complete(copies[0], agents["a"], y(2.0), agents)
+    cancelled = ledger.complete(copies[1], agents["b"], y(2.0), agents)
+    assert cancelled == [copies[2]] and copies[2].state is TaskState.CANCELLED
+    assert agents["c"].in_flight == {}
+    assert not ledger.is_current(copies[2], 1, "c"), "the cancelled copy's result is dropped"
+    assert j.disagreements == {}
+
+
+def test_results_that_never_agree_get_more_copies_then_fail_the_job() -> None:
+    ledger = Ledger(max_attempts=1)
+    j = redundant_job(3)
+    agents = {n: agent(n, 0.01) for n in "abcd"}
+    copies = list(j.units[0])
+    for t, name in zip(copies, "abc", strict=True):
+        ledger.dispatch(t, agents[name], lease_s=10, est_ms=1)
+    for i, (t, name) in enumerate(zip(copies, "abc", strict=True)):
+        ledger.complete(t, agents[name], y(float(i)), agents)
+    # three different answers: one more copy could still make a majority of two
+    extra = [t for t in j.units[0] if t.state is TaskState.PENDING]
+    assert len(extra) == 1 and j.pending[0] is extra[0] and j.error is None
+    ledger.dispatch(j.pending.popleft(), agents["d"], lease_s=10, est_ms=1)
+    ledger.complete(extra[0], agents["d"], y(9.0), agents)
+    assert j.error is not None and j.error.code == "no_majority"
+    assert "no 2 of 4 results agree" in j.error.message
+
+
+def test_float_outputs_agree_within_the_tolerance() -> None:
+    ledger = Ledger(max_attempts=3)
+    j = redundant_job(3, tolerance=1e-3)
+    agents = {n: agent(n, 0.01) for n in "abc"}
+    copies = j.units[0]
+    for t, name in zip(copies, "abc", strict=True):
+        ledger.dispatch(t, agents[name], lease_s=10, est_ms=1)
+    ledger.complete(copies[0], agents["a"], y(1.0), agents)
+    cancelled = ledger.complete(copies[1], agents["b"], y(1.0005), agents)
+    assert j.done == 1 and cancelled == [copies[2]]
+
+
+def test_a_speculative_copy_that_finishes_first_wins_and_the_straggler_is_cancelled() -> None:
+    ledger = Ledger(max_attempts=3)
+    j = job(n=4, batch=2)
+    slow, fast = agent("slow", 0.01), agent("fast", 0.01)
+    straggler = j.pending.popleft()
+    ledger.dispatch(straggler, slow, lease_s=60, est_ms=1)
+    copy = j.add_copy(straggler.unit, speculative=True)
+    assert j.pending[0] is copy and copy.task_id != straggler.task_id
+    ledger.dispatch(j.pending.popleft(), fast, lease_s=60, est_ms=1)
+    assert ledger.complete(copy, fast, y(3.0), {"slow": slow, "fast": fast}) == [straggler]
+    assert straggler.state is TaskState.CANCELLED and slow.in_flight == {}
+    assert j.done == 1 and j.per_agent == {"fast": 2}

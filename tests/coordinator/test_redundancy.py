@@ -1,0 +1,72 @@
+"""Untrusted and uneven fleets: majority votes over redundant copies, and straggler copies."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from protocol import BrokerAddress, JobError
+from tests.conftest import wait_until
+from tests.coordinator.test_failures import assert_exact
+
+
+async def test_redundancy_outvotes_an_agent_that_returns_wrong_outputs(
+    address: BrokerAddress, agent_factory: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    for name in ("h1", "h2", "h3"):
+        await agent_factory(address, name, slots=1)
+    # Right names, shapes and dtypes, wrong values: only a vote can tell.
+    await agent_factory(address, "liar", slots=1, corrupt_outputs=1.0)
+    coord = await coordinator_factory(address)
+    await coord.wait_for_agents(4)
+    x = digits[0][:1200]
+    handle = coord.submit_arrays("digits-mlp", {"input": x}, batch_size=50, redundancy=3)
+    out = await handle.result(timeout=60)
+    assert_exact(out, x, batch=50)
+    assert out.result.tasks == 24, "tasks count units of work, not copies"
+    job = coord.ledger.jobs[handle.job_id]
+    assert "liar" in out.result.disagreements, "the liar was given work and caught"
+    assert job.excluded == {"liar"} and "liar" not in out.result.per_agent
+    assert coord.ledger.counts["disagreements"] == sum(out.result.disagreements.values())
+
+
+async def test_redundancy_beyond_the_fleet_is_refused_with_the_reason(
+    address: BrokerAddress, agent_factory: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    await agent_factory(address, "only", slots=1)
+    coord = await coordinator_factory(address)
+    await coord.wait_for_agents(1)
+    with pytest.raises(JobError) as e:
+        coord.submit_arrays("digits-mlp", digits[0][:10], redundancy=2)
+    assert e.value.code == "no_capacity"
+    assert "redundancy 2 needs 2 distinct agents" in str(e.value)
+
+
+async def test_a_straggler_is_overtaken_by_a_copy_on_an_idle_agent(
+    mosquitto_address: BrokerAddress, agent_factory: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    fast = await agent_factory(mosquitto_address, "fast", slots=1, benchmark=True)
+    slow = await agent_factory(mosquitto_address, "slowing", slots=1, benchmark=True)
+    # Leases far longer than the job: only a straggler copy can finish it early.
+    coord = await coordinator_factory(mosquitto_address, lease_min_s=300.0)
+    await coord.wait_for_agents(2)
+    x = np.tile(digits[0], (20, 1))
+    handle = coord.submit_arrays("digits-mlp", {"input": x}, batch_size=100)
+    job = coord.ledger.jobs[handle.job_id]
+    await wait_until(lambda: job.done >= 20, what="the job under way")
+    # The device slows down 20,000-fold mid-job (thermal throttling, a noisy neighbour).
+    slow.config = slow.config.with_(slowdown=20_000.0)
+    out = await handle.result(timeout=120)
+    assert_exact(out, x)
+    assert coord.ledger.counts["speculated"] >= 1
+    overtaken = [t for t in job.tasks if t.speculative and t.agent_id == "fast"]
+    assert overtaken, "copies of the straggler's microtasks ran on the fast agent"
+    assert all(
+        any(c.agent_id == "slowing" and c.state.value == "cancelled" for c in job.units[t.unit])
+        for t in overtaken
+    ), "and the straggling originals were cancelled"
+    await asyncio.sleep(0.5)
+    assert fast.stats.completed + slow.stats.completed >= out.result.tasks
