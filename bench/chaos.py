@@ -253,6 +253,7 @@ class Fleet:
         netns: bool = False,
         relay_delay_s: float = 0.0,
         crash_at: str | None = None,
+        agent_args: dict[str, list[str]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.profile = profile
@@ -261,6 +262,7 @@ class Fleet:
         self.netns = netns
         self.relay_delay_s = relay_delay_s
         self.crash_at = crash_at
+        self.agent_args = agent_args or {}
         self.broker = LocalBroker(kind="mosquitto")
         self.ns: NetNamespace | None = None
         self.relay: RelayThread | None = None
@@ -356,6 +358,7 @@ class Fleet:
         argv = ["agent", "--broker", url, "--root", self.root, "--id", agent_id]
         argv += ["--models-dir", str(MODELS), "--heartbeat", "0.5"]
         argv += ["--slots", str(self.profile.slots), "--slowdown", str(self.profile.slowdown)]
+        argv += self.agent_args.get(agent_id, [])
         # Results finished while cut off are kept on disk, one directory per agent.
         env = {"EDGE_OFFLOAD_AGENT_SPOOL_DIR": str(self.workdir / f"{agent_id}-spool")}
         proc = self._spawn(agent_id, argv, env)
@@ -546,6 +549,13 @@ async def lossy_link(fleet: Fleet, progress: Progress, report: Report) -> None:
     report.facts["a0 results"] = fleet.tap.per_agent["a0"]
 
 
+async def redundancy(fleet: Fleet, progress: Progress, report: Report) -> None:
+    """Every unit of work on three distinct agents; agent a3 answers everything wrongly."""
+    await progress.reach(0.99, timeout=fleet.profile.timeout_s)
+    report.facts["copies published (3 per unit, plus re-runs)"] = sum(fleet.tap.per_agent.values())
+    report.facts["a3's answers (all wrong)"] = fleet.tap.per_agent["a3"]
+
+
 SCENARIOS: dict[str, ScenarioFn] = {
     "baseline": baseline,
     "agent_kills": agent_kills,
@@ -554,6 +564,7 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "coordinator_kill": coordinator_kill,
     "network_cut": network_cut,
     "lossy_link": lossy_link,
+    "redundancy": redundancy,
 }
 NETNS_SCENARIOS = {"network_cut", "lossy_link"}
 
@@ -591,6 +602,8 @@ async def run_scenario(
     if name == "coordinator_kill":
         # Idle, the coordinator commits nothing: its 15th commit comes mid-job.
         fleet_options["crash_at"] = "before:15"
+    if name == "redundancy":
+        fleet_options["agent_args"] = {"a3": ["--corrupt-outputs", "1.0"]}
     if name in NETNS_SCENARIOS:
         fleet_options["netns"] = True
         fleet_options["relay_delay_s"] = 0.2 if name == "lossy_link" else 0.0
@@ -600,7 +613,13 @@ async def run_scenario(
             fleet.ns.lossy(0.05)
         progress = Progress(len(x))
         t0 = time.monotonic()
-        handle = await fleet.client.submit(MODEL, x, batch_size=1, on_status=progress.on_status)
+        handle = await fleet.client.submit(
+            MODEL,
+            x,
+            batch_size=1,
+            on_status=progress.on_status,
+            redundancy=3 if name == "redundancy" else 1,
+        )
         faults = asyncio.create_task(scenario(fleet, progress, report))
         try:
             out: JobOutput = await handle.result(timeout=profile.timeout_s)
@@ -628,6 +647,8 @@ def _check(report: Report, out: JobOutput, expected: dict[str, np.ndarray[Any, A
         for k, v in expected.items()
     )
     report.facts["per agent"] = {a: s.tasks for a, s in sorted(res.per_agent.items())}
+    if res.disagreements:
+        report.facts["disagreed with the majority"] = dict(res.disagreements)
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -698,7 +719,13 @@ def main() -> int:
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--tasks", type=int, help="microtasks per job (default: the profile's)")
     parser.add_argument("--keep", type=Path, help="keep every process's log in this directory")
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("mqtt").setLevel(logging.CRITICAL)  # paho: "connection reset" noise
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so every process and namespace started is cleaned up
+
+    signal.signal(signal.SIGTERM, interrupt)
     return asyncio.run(main_async(parser.parse_args()))
 
 

@@ -85,3 +85,6 @@ async def test_nothing_lost_or_duplicated(
         assert ev["cut 5s: cut -> a0 suspect"] is not None, "the cut agent got no new work"
     elif scenario == "lossy_link":
         assert report.facts["a0 false deaths"] == 0
+    elif scenario == "redundancy":
+        assert "a3" in report.facts["disagreed with the majority"], "the liar was reported"
+        assert "a3" not in report.facts["per agent"], "no output of the liar was kept"
