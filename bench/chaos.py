@@ -84,7 +84,7 @@ QUICK = Profile("quick", tasks=10_000, slowdown=20.0)
 LONG = Profile(
     "long",
     tasks=20_000,
-    slowdown=200.0,
+    slowdown=40.0,
     kill_every_s=3.0,
     restart_after_s=2.0,
     broker_outage_s=3.0,
