@@ -251,7 +251,9 @@ async def test_a_live_agent_renews_its_leases_so_long_work_is_not_run_twice(
     assert agent.stats.received == 2 and agent.stats.completed == 2
 
 
-async def test_coordinator_killed_mid_job_resumes_from_its_journal(
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+async def test_coordinator_stopped_mid_job_resumes_from_its_journal(
+    stop: str,
     mosquitto_address: BrokerAddress,
     root: str,
     agent_processes: Any,
@@ -308,8 +310,12 @@ async def test_coordinator_killed_mid_job_resumes_from_its_journal(
             if state.jobs and state.jobs[-1].tasks_done >= 6:
                 break
             await asyncio.sleep(0.1)
-        first.kill()  # SIGKILL: no drain, no flush
-        assert await asyncio.to_thread(first.wait, 10) == -signal.SIGKILL
+        if stop == "sigkill":
+            first.kill()  # no drain, no flush
+            assert await asyncio.to_thread(first.wait, 10) == -signal.SIGKILL
+        else:
+            first.terminate()  # stops taking work and flushes its journal
+            assert await asyncio.to_thread(first.wait, 15) == 0
         # Submitted while no coordinator runs: its session on the broker queues the job.
         x2 = digits[0][:500]
         handle2 = await client.submit("digits-mlp", x2, batch_size=100)
@@ -322,8 +328,12 @@ async def test_coordinator_killed_mid_job_resumes_from_its_journal(
         assert f"resumed job {handle.job_id} from the journal" in resumed, resumed
         done_before = int(resumed.split("journal: ")[1].split(" of ")[0])
         assert 6 <= done_before < out.result.tasks, "resumed mid-job, with the work kept"
+        if stop == "sigterm":
+            # Every result the first coordinator accepted was flushed before it exited.
+            stopped = logs[0].read_text()
+            assert f"dispatched, {done_before} completed" in stopped, stopped
         # What the agents held across the restart was taken over, not run a second time.
-        # Only a result accepted in the last 100 ms before the kill (not yet committed)
+        # Only a result accepted in the last 100 ms before a kill (not yet committed)
         # runs again: with microtasks of ~200 ms, at most one per agent.
         assert "taken over from before the restart" in resumed, resumed
         executed = 0
