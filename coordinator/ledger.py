@@ -85,6 +85,11 @@ class Microtask:
     # A copy's outputs while its unit waits for the others to agree.
     outputs: dict[str, np.ndarray[Any, Any]] | None = None
     speculative: bool = False
+    # Re-created from the journal and not dispatched since: an agent may hold an attempt
+    # of it from before the restart, which can be taken over.
+    restored: bool = False
+    # When the dispatcher first found no agent allowed to run it (monotonic), or 0.
+    unplaceable_since: float = 0.0
 
     @property
     def samples(self) -> int:
@@ -96,8 +101,11 @@ class Microtask:
         return max(self.attempt, self.attempt_floor)
 
     def from_before_restart(self, attempt: int) -> bool:
-        """``attempt`` may have been dispatched by a coordinator before this one's restart."""
-        return self.state is TaskState.PENDING and 0 < attempt <= self.attempt_floor
+        """``attempt`` may have been dispatched by a coordinator before this one's restart,
+        and this one has not dispatched the microtask since."""
+        return (
+            self.restored and self.state is TaskState.PENDING and 0 < attempt <= self.attempt_floor
+        )
 
 
 @dataclass(eq=False)
@@ -137,6 +145,10 @@ class Job:
     # A resumed job waits until then (monotonic) before dispatching, so the agents can
     # first report the work they still hold from before the restart.
     hold_until: float = 0.0
+    # Which coordinator (journal incarnation) runs the job: copies added beyond the
+    # split carry it in their task id, so they never collide with copies an earlier
+    # incarnation added (those are not re-created by a restart).
+    incarnation: int = 1
 
     @property
     def job_id(self) -> str:
@@ -195,14 +207,13 @@ class Job:
         """One more copy of ``unit``, first in line for dispatch."""
         first = self.units[unit][0]
         t = self._copy(unit, first.start, first.stop)
+        t.task_id = f"{t.task_id}x{self.incarnation}"
         t.speculative = speculative
         self.pending.appendleft(t)
         return t
 
     def live_copies(self, unit: int) -> list[Microtask]:
-        return [
-            t for t in self.units[unit] if t.state in (TaskState.PENDING, TaskState.RUNNING)
-        ]
+        return [t for t in self.units[unit] if t.state in (TaskState.PENDING, TaskState.RUNNING)]
 
     def inputs_for(self, task: Microtask) -> dict[str, Tensor]:
         return {
@@ -242,6 +253,7 @@ class Ledger:
         return self.journal if job.journaled else None
 
     def add(self, job: Job, *, recovered: bool = False) -> None:
+        job.incarnation = self.journal.incarnation if self.journal is not None else 1
         self.jobs[job.job_id] = job
         self.active[job.job_id] = job
         if self.journal is not None and job.publish_result:
@@ -258,6 +270,7 @@ class Ledger:
         for t in job.tasks:
             t.attempt, t.charged = recovered.attempts.get(t.index, (0, 0))
             t.attempt_floor = max(t.attempt, incarnation * RESTART_ATTEMPT_GAP)
+            t.restored = True
         for unit, copies in enumerate(job.units):
             if unit in recovered.results:
                 agent_id, outputs = recovered.results[unit]
@@ -301,6 +314,7 @@ class Ledger:
         self, task: Microtask, agent: AgentRecord, attempt: int, *, lease_s: float, est_ms: float
     ) -> None:
         task.state = TaskState.RUNNING
+        task.restored = False
         task.attempt = attempt
         task.agent_id = agent.agent_id
         task.dispatched_at = time.monotonic()
@@ -385,8 +399,7 @@ class Ledger:
                     code="no_majority",
                     message=f"unit {task.unit} (samples {task.start}-{task.stop - 1}): "
                     f"no {job.quorum} of {len(copies)} results agree; agents by agreeing "
-                    "group: "
-                    + "; ".join(",".join(t.agent_id or "?" for t in g) for g in groups),
+                    "group: " + "; ".join(",".join(t.agent_id or "?" for t in g) for g in groups),
                 )
                 return []
             for _ in range(missing):
@@ -499,7 +512,8 @@ class Ledger:
         for task in job.tasks:
             if task.state is TaskState.RUNNING:
                 self._release(task, agents.get(task.agent_id or ""))
-                task.state = TaskState.FAILED
                 released.append(task)
+            if task.state in (TaskState.RUNNING, TaskState.PENDING):
+                task.state = TaskState.CANCELLED
         job.pending.clear()
         return released

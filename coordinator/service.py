@@ -73,6 +73,7 @@ EARLY_RESULTS_LIMIT = 10_000
 # have yet waits this long before it is judged.
 BIRTHS_GRACE_S = 2.0
 EARLY_SUBMITS_LIMIT = 1_000
+UNSENT_LIMIT = 1_000
 
 
 class Coordinator:
@@ -101,6 +102,9 @@ class Coordinator:
         self._early_count = 0
         self._connected_at = 0.0
         self._early_submits: list[bytes] = []
+        # Final results and statuses that could not be published (no connection), sent on
+        # the next one.
+        self._unsent: list[tuple[str, bytes]] = []
         # When jobs were resumed from the journal (monotonic), while they are on hold.
         self._resumed_at: float | None = None
         self._link = Link(
@@ -198,6 +202,15 @@ class Coordinator:
 
     async def _on_connect(self, link: Link) -> None:
         self._connected_at = time.monotonic()
+        if self._resumed_at is not None:
+            # Resumed jobs wait for the agents' reports from now, not from start-up.
+            self._resumed_at = self._connected_at
+            for job in self.ledger.active.values():
+                if job.hold_until:
+                    job.hold_until = self._connected_at + self.config.resume_grace_s
+        unsent, self._unsent = self._unsent, []
+        for topic, payload in unsent:
+            self._publish(topic, payload)
         self._state_dirty = True
         for job in list(self.ledger.active.values()):
             if job.complete:  # resumed with every result already in
@@ -309,7 +322,7 @@ class Coordinator:
             return
         agent.heard_from()
         task = self._find_task(msg.job_id, msg.task_id)
-        if task is not None and agent.online and task.from_before_restart(msg.attempt):
+        if task is not None and task.from_before_restart(msg.attempt):
             self._adopt(task, agent, msg.attempt)  # finished while this coordinator was down
         if task is None or not self.ledger.is_current(task, msg.attempt, agent_id):
             # A superseded attempt, a duplicate, or a job that already ended.
@@ -343,7 +356,10 @@ class Coordinator:
         self._kick()
 
     def _check_outputs(self, task: Microtask, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
-        expected = task.job.output_names
+        job = task.job
+        if not job.output_names and (info := self.registry.model_info(job.spec.model)):
+            job.output_names = frozenset(o.name for o in info.outputs)  # a resumed job
+        expected = job.output_names
         if expected and outputs.keys() != expected:
             raise ProtocolError(
                 f"outputs {sorted(outputs)} do not match the model's", code="bad_input"
@@ -366,12 +382,16 @@ class Coordinator:
         agent.exec_ms_avg += 0.2 * (max(msg.exec_ms, 0.01) - agent.exec_ms_avg)
 
     def _find_task(self, job_id: str, task_id: str) -> Microtask | None:
+        """The microtask with this exact id (``{job}.{index}``, or ``{job}.{index}x{n}``
+        for a copy added by incarnation n), if its job is known."""
         job = self.ledger.jobs.get(job_id)
-        prefix, _, index = task_id.rpartition(".")
+        prefix, _, suffix = task_id.rpartition(".")
+        index = suffix.partition("x")[0]
         if job is None or prefix != job_id or not index.isdigit():
             return None
         i = int(index)
-        return job.tasks[i] if i < len(job.tasks) else None
+        task = job.tasks[i] if i < len(job.tasks) else None
+        return task if task is not None and task.task_id == task_id else None
 
     def _count_reject(self, reason: str, agent_id: str, detail: object) -> None:
         self.rejected[reason] += 1
@@ -392,8 +412,9 @@ class Coordinator:
         except ProtocolError as e:
             self._reject(payload, "malformed", e.message)
             return
+        able = [a for a in self.registry.online() if a.available and a.has_model(spec.model)]
         if (
-            self.registry.model_info(spec.model) is None
+            len(able) < spec.redundancy
             and (
                 not self._link.connected.is_set()  # still (re)connecting
                 or time.monotonic() - self._connected_at < BIRTHS_GRACE_S
@@ -641,6 +662,7 @@ class Coordinator:
                 if not eligible:  # every live agent already ran a copy of this unit
                     unplaceable.append(job.pending.popleft())
                     continue
+                task.unplaceable_since = 0.0
                 nbytes = task.samples * job.bytes_per_sample
                 ctx = Placement(credit=self.credit, payload_bytes=nbytes, backlog_ms=backlog)
                 agent = policy.choose(task, eligible, ctx)
@@ -649,6 +671,29 @@ class Coordinator:
                 job.pending.popleft()
                 self._send(task, agent, nbytes)
             job.pending.extendleft(reversed(unplaceable))
+            self._give_up_unplaceable(job, unplaceable)
+        for job in [j for j in self.ledger.active.values() if j.error is not None]:
+            self._finish(job)
+
+    def _give_up_unplaceable(self, job: Job, tasks: list[Microtask]) -> None:
+        """A copy no live agent may run, with no other copy of its unit running, cannot
+        complete its unit: after ``dead_after_s`` (agents may come back), the job fails."""
+        now = time.monotonic()
+        for task in tasks:
+            if not task.unplaceable_since:
+                task.unplaceable_since = now
+            elif now - task.unplaceable_since > self.config.dead_after_s and not any(
+                c.state is TaskState.RUNNING for c in job.units[task.unit]
+            ):
+                ran = sorted({c.agent_id or "?" for c in job.units[task.unit] if c.agent_id})
+                job.error = ErrorInfo(
+                    code="no_majority",
+                    message=f"unit {task.unit} (samples {task.start}-{task.stop - 1}) needs "
+                    f"a copy on one more distinct agent than are available; it ran on "
+                    f"{', '.join(ran) or 'none'}"
+                    + (f"; excluded: {', '.join(sorted(job.excluded))}" if job.excluded else ""),
+                )
+                return
 
     @staticmethod
     def _candidates_for(task: Microtask, candidates: list[AgentRecord]) -> list[AgentRecord]:
@@ -684,8 +729,16 @@ class Coordinator:
         return lease_s, agent.costs[task.job.spec.model].estimate(task.samples)
 
     def _adopt(self, task: Microtask, agent: AgentRecord, attempt: int) -> None:
-        if not agent.has_model(task.job.spec.model):
+        job = task.job
+        if job.terminal or not agent.online or not agent.has_model(job.spec.model):
             return
+        if agent.agent_id in job.excluded or any(
+            c is not task
+            and c.agent_id == agent.agent_id
+            and c.state in (TaskState.RUNNING, TaskState.DONE)
+            for c in job.units[task.unit]
+        ):
+            return  # copies of a unit must come from distinct agents
         lease_s, est_ms = self._lease(task, agent, 0)
         self.ledger.adopt(task, agent, attempt, lease_s=lease_s, est_ms=est_ms)
         logger.info(
@@ -819,14 +872,19 @@ class Coordinator:
             if job.finished_ok:
                 result = result.model_copy(update={"outputs": encode_arrays(outputs)})
             payload = encode(result, job.spec.result_encoding)
-            self._link.publish_nowait(self.topics.result(job.job_id), payload)
+            self._publish(self.topics.result(job.job_id), payload)
             if job.client_id is not None:
-                self._link.publish_nowait(self.topics.replies(job.client_id), payload)
+                self._publish(self.topics.replies(job.client_id), payload)
             self._publish_status(job)
         # Inputs and per-microtask outputs are no longer needed; the summary stays.
         job.arrays = {}
         job.outputs = []
         self._state_dirty = True
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        """Publish a message that must not be lost to a broker outage (final results)."""
+        if not self._link.publish_nowait(topic, payload) and len(self._unsent) < UNSENT_LIMIT:
+            self._unsent.append((topic, payload))
 
     def _publish_status(self, job: Job) -> None:
         status = JobStatus(
@@ -854,7 +912,11 @@ class Coordinator:
             if resumed is not None and now - resumed >= self.config.resume_grace_s:
                 self._release_resumed()
             self._expire_early_results(now)
-            if self._early_submits and now - self._connected_at >= BIRTHS_GRACE_S:
+            if (
+                self._early_submits
+                and self._link.connected.is_set()
+                and now - self._connected_at >= BIRTHS_GRACE_S
+            ):
                 early, self._early_submits = self._early_submits, []
                 for payload in early:
                     self._on_submit(payload)
@@ -877,6 +939,8 @@ class Coordinator:
                 self._kick()
             if self.config.speculate:
                 self._speculate(now)
+            if any(j.pending for j in self.ledger.active.values()):
+                self._kick()  # held jobs whose hold ended, copies waiting for an agent
             for agent in self.registry.silent(self.config.suspect_after_s):
                 if not agent.suspect:
                     logger.warning(

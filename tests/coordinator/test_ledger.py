@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from coordinator.journal import Journal
 from coordinator.ledger import Job, Ledger, TaskState
 from coordinator.policies import EarliestFinish, Placement, RoundRobin
 from coordinator.registry import AgentRecord
@@ -204,3 +207,29 @@ def test_a_speculative_copy_that_finishes_first_wins_and_the_straggler_is_cancel
     assert ledger.complete(copy, fast, y(3.0), {"slow": slow, "fast": fast}) == [straggler]
     assert straggler.state is TaskState.CANCELLED and slow.in_flight == {}
     assert j.done == 1 and j.per_agent == {"fast": 2}
+
+
+def test_copies_added_after_a_restart_never_reuse_an_earlier_copy_id(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    first = Ledger(max_attempts=3, journal=Journal(path))
+    j = job(n=4, batch=2)
+    first.add(j)
+    before = j.add_copy(0, speculative=True)
+    first.journal.commit()  # type: ignore[union-attr]
+    [rec] = Journal(path).unfinished()  # a second coordinator opens the journal
+    second = Ledger(max_attempts=3, journal=Journal(path))
+    again = Job(spec=rec.spec, arrays=rec.arrays, batch_size=rec.batch_size, policy=rec.policy)
+    again.split()
+    second.restore(again, rec)
+    after = again.add_copy(0, speculative=True)
+    assert before.index == after.index and before.task_id != after.task_id
+    # what a restarted coordinator may take over: attempts of the re-created copies only
+    held = again.tasks[0]
+    assert held.from_before_restart(1) and not after.from_before_restart(1)
+    a = agent("a", 0.01)
+    second.adopt(held, a, 1, lease_s=10, est_ms=1)
+    assert second.retry(held, a, "lease_expired", "late")
+    assert not held.from_before_restart(1), "a superseded attempt is not taken over twice"
+    # a failed job's copies are cancelled: nothing of it can be taken over any more
+    second.cancel_job(again, {})
+    assert all(t.state is not TaskState.PENDING for t in again.tasks)

@@ -70,3 +70,19 @@ async def test_a_straggler_is_overtaken_by_a_copy_on_an_idle_agent(
     ), "and the straggling originals were cancelled"
     await asyncio.sleep(0.5)
     assert fast.stats.completed + slow.stats.completed >= out.result.tasks
+
+
+async def test_when_no_majority_is_possible_the_job_fails_instead_of_waiting_forever(
+    address: BrokerAddress, agent_factory: Any, coordinator_factory: Any, digits: Any
+) -> None:
+    # Two agents, two copies each, one of them lying: the copies never agree and no third
+    # agent exists to break the tie.
+    await agent_factory(address, "honest", slots=1)
+    await agent_factory(address, "liar", slots=1, corrupt_outputs=1.0)
+    coord = await coordinator_factory(address, dead_after_s=1.0)
+    await coord.wait_for_agents(2)
+    handle = coord.submit_arrays("digits-mlp", digits[0][:100], batch_size=50, redundancy=2)
+    with pytest.raises(JobError) as e:
+        await handle.result(timeout=60)
+    assert e.value.code == "no_majority"
+    assert "one more distinct agent" in str(e.value) and "honest, liar" in str(e.value)
