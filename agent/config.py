@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import DEFAULT_ROOT, BrokerAddress, check_id
+from protocol.transport import broker_from_setting
 
 ENV_PREFIX = "EDGE_OFFLOAD_AGENT_"
 
@@ -123,8 +124,7 @@ def _from_env() -> dict[str, Any]:
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     """Turn strings (environment, CLI) and TOML values into the field types."""
     out = dict(values)
-    if isinstance(out.get("broker"), str):
-        out["broker"] = BrokerAddress.parse(out["broker"])
+    out["broker"] = broker_from_setting(out.get("broker"))
     if isinstance(out.get("labels"), str):
         out["labels"] = parse_labels(out["labels"].split(","))
     if isinstance(out.get("models_dirs"), str):

@@ -51,17 +51,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser, *, broker_default: str | None = DEFAULT_BROKER) -> None:
+    def common(sp: argparse.ArgumentParser, *, local_broker: bool = False) -> None:
+        default = "start one locally" if local_broker else DEFAULT_BROKER
         sp.add_argument(
             "--broker",
-            default=broker_default,
+            default=None,
             metavar="URL",
-            help=f"MQTT broker (default {broker_default or 'start one locally'}; "
-            "env EDGE_OFFLOAD_BROKER)",
+            help=f"MQTT broker, mqtt://host:port or mqtts://host:port for TLS "
+            f"(default: env EDGE_OFFLOAD_BROKER, else {default})",
         )
         sp.add_argument("--root", default=None, help="topic root (default offload/v1)")
-        sp.add_argument("--username", default=None)
-        sp.add_argument("--password", default=None, help="prefer env EDGE_OFFLOAD_PASSWORD")
+        sp.add_argument("--username", default=None, help="env EDGE_OFFLOAD_USERNAME")
+        sp.add_argument(
+            "--password",
+            default=None,
+            help="visible in the process list: prefer --password-file or env EDGE_OFFLOAD_PASSWORD",
+        )
+        sp.add_argument("--password-file", metavar="FILE", help="env EDGE_OFFLOAD_PASSWORD_FILE")
+        sp.add_argument(
+            "--tls-ca",
+            metavar="FILE",
+            help="CA bundle that signed the broker's certificate (turns TLS on; "
+            "env EDGE_OFFLOAD_TLS_CA)",
+        )
+        sp.add_argument(
+            "--tls-cert", metavar="FILE", help="client certificate (env EDGE_OFFLOAD_TLS_CERT)"
+        )
+        sp.add_argument(
+            "--tls-key", metavar="FILE", help="client certificate's key (env EDGE_OFFLOAD_TLS_KEY)"
+        )
+        sp.add_argument(
+            "--tls-no-verify-hostname",
+            action="store_true",
+            help="accept any certificate the CA signed, whatever host it names (test rigs)",
+        )
 
     sp = sub.add_parser(
         "broker", help="run a local MQTT broker (Mosquitto if installed, else amqtt)"
@@ -176,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_schema)
 
     sp = sub.add_parser("demo", help="broker + coordinator + 3 agents + a digits job, end to end")
-    common(sp, broker_default=None)
+    common(sp, local_broker=True)
     sp.add_argument("--agents", type=int, default=3)
     sp.set_defaults(func=cmd_demo)
     return p
@@ -211,14 +234,36 @@ def setup_logging(level: str, *, json_logs: bool = False) -> None:
 # -- helpers -------------------------------------------------------------------------------------
 
 
+_BROKER_ARGS = (
+    "broker",
+    "username",
+    "password",
+    "password_file",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_no_verify_hostname",
+)
+
+
+def _broker_args_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name, None) for name in _BROKER_ARGS)
+
+
 def _address(args: argparse.Namespace) -> BrokerAddress:
+    """The broker from the command line, completed from the environment."""
     import os
 
     url = args.broker or os.environ.get("EDGE_OFFLOAD_BROKER") or DEFAULT_BROKER
-    return BrokerAddress.parse(
+    return BrokerAddress.from_settings(
         url,
-        username=args.username or os.environ.get("EDGE_OFFLOAD_USERNAME"),
-        password=args.password or os.environ.get("EDGE_OFFLOAD_PASSWORD"),
+        username=args.username,
+        password=args.password,
+        password_file=args.password_file,
+        ca_file=args.tls_ca,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+        verify_hostname=False if args.tls_no_verify_hostname else None,
     )
 
 
@@ -299,7 +344,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "spool_dir": args.spool_dir,
         **_root(args),
     }
-    if args.broker or args.username:
+    if _broker_args_given(args):  # else the config file's broker, or the environment's
         overrides["broker"] = _address(args)
     config = AgentConfig.load(args.config, **overrides)
 
@@ -319,7 +364,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         "journal": args.journal,
         **_root(args),
     }
-    if args.broker or args.username:
+    if _broker_args_given(args):  # else the config file's broker, or the environment's
         overrides["broker"] = _address(args)
     config = CoordinatorConfig.load(args.config, **overrides)
     asyncio.run(_serve(lambda: Coordinator(config)))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +28,9 @@ MAX_INFLIGHT = 65535
 
 _last_seq = 0
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
 _URL_SCHEMES = frozenset({"mqtt", "tcp"})
+_TLS_SCHEMES = frozenset({"mqtts", "ssl"})
 
 
 def new_seq() -> int:
@@ -39,7 +43,8 @@ def new_seq() -> int:
 def parse_broker_url(url: str) -> tuple[str, int]:
     """Split ``mqtt://host:port``, ``tcp://host:port``, ``host:port`` or ``host`` into (host, port).
 
-    The port defaults to 1883. IPv6 literals must be bracketed (``mqtt://[::1]:1883``).
+    The port defaults to 1883 (8883 for ``mqtts://``/``ssl://``, which mean TLS: see
+    :func:`is_tls_url`). IPv6 literals must be bracketed (``mqtt://[::1]:1883``).
     Raises ValueError for anything else (other schemes, paths, credentials, bad ports).
     """
     text = url.strip()
@@ -47,10 +52,10 @@ def parse_broker_url(url: str) -> tuple[str, int]:
         raise ValueError("broker URL is empty; expected mqtt://host:port, host:port or host")
     if "://" in text:
         scheme = text.split("://", 1)[0].lower()
-        if scheme not in _URL_SCHEMES:
+        if scheme not in _URL_SCHEMES | _TLS_SCHEMES:
             raise ValueError(
                 f"unsupported broker URL scheme {scheme!r} in {url!r}; "
-                "expected mqtt://host:port or tcp://host:port"
+                "expected mqtt://host:port, mqtts://host:port (TLS) or tcp://host:port"
             )
     else:
         text = f"mqtt://{text}"
@@ -68,32 +73,129 @@ def parse_broker_url(url: str) -> tuple[str, int]:
         raise ValueError(f"invalid broker URL {url!r}: missing host")
     if port == 0:
         raise ValueError(f"invalid broker URL {url!r}: port must be 1-65535")
-    return host, DEFAULT_PORT if port is None else port
+    if port is None:
+        port = DEFAULT_TLS_PORT if is_tls_url(url) else DEFAULT_PORT
+    return host, port
+
+
+def is_tls_url(url: str) -> bool:
+    """``mqtts://`` and ``ssl://`` URLs connect with TLS."""
+    return url.strip().split("://", 1)[0].lower() in _TLS_SCHEMES if "://" in url else False
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
-    """Where the broker is and how to log in."""
+    """Where the broker is and how to log in (never printed with its password)."""
 
     host: str = "127.0.0.1"
     port: int = 1883
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     keepalive: int = 30
+    # TLS (``mqtts://`` URLs): the CA bundle that signed the broker's certificate (None:
+    # the system's CAs), and a client certificate and key for brokers that authenticate
+    # devices by certificate (Mosquitto's use_identity_as_username).
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Check that the broker's certificate names the host we connect to. Turning it off
+    # is for test rigs only: it allows any certificate the CA signed to impersonate it.
+    verify_hostname: bool = True
 
     @classmethod
     def parse(cls, url: str, **kwargs: Any) -> BrokerAddress:
-        """From ``mqtt://host:port``, ``tcp://host:port``, ``host:port`` or ``host``."""
+        """From ``mqtt://host:port``, ``mqtts://host:port``, ``tcp://host:port``,
+        ``host:port`` or ``host``. Any TLS option given also turns TLS on."""
         host, port = parse_broker_url(url)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if is_tls_url(url) or any(kwargs.get(k) for k in ("ca_file", "cert_file", "key_file")):
+            kwargs["tls"] = True
         return cls(host=host, port=port, **kwargs)
+
+    @classmethod
+    def from_settings(
+        cls,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        password_file: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        verify_hostname: bool | None = None,
+    ) -> BrokerAddress:
+        """The address from explicit settings, falling back to the environment:
+        ``EDGE_OFFLOAD_USERNAME``, ``EDGE_OFFLOAD_PASSWORD`` or ``EDGE_OFFLOAD_PASSWORD_FILE``
+        (e.g. a systemd credential), ``EDGE_OFFLOAD_TLS_CA``, ``EDGE_OFFLOAD_TLS_CERT``,
+        ``EDGE_OFFLOAD_TLS_KEY``."""
+        env = os.environ.get
+        password_file = password_file or env("EDGE_OFFLOAD_PASSWORD_FILE")
+        if password is None and password_file:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        return cls.parse(
+            url,
+            username=username or env("EDGE_OFFLOAD_USERNAME"),
+            password=password or env("EDGE_OFFLOAD_PASSWORD"),
+            ca_file=ca_file or env("EDGE_OFFLOAD_TLS_CA"),
+            cert_file=cert_file or env("EDGE_OFFLOAD_TLS_CERT"),
+            key_file=key_file or env("EDGE_OFFLOAD_TLS_KEY"),
+            verify_hostname=verify_hostname,
+        )
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS 1.2 or newer, verifying the broker against ``ca_file`` (or the system CAs)."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx.check_hostname = self.verify_hostname
+        return ctx
 
     def __repr__(self) -> str:  # never show the password
         return f"BrokerAddress({self.url}, username={self.username!r})"
+
+
+BROKER_SETTINGS = (
+    "username",
+    "password",
+    "password_file",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "verify_hostname",
+)
+
+
+def broker_from_setting(value: object) -> BrokerAddress:
+    """A config file's or the environment's ``broker``: a URL, or a table with ``url`` and
+    any of :data:`BROKER_SETTINGS`; credentials and TLS files missing from it come from
+    the environment (see :meth:`BrokerAddress.from_settings`)."""
+    if isinstance(value, BrokerAddress):
+        return value
+    if value is None:
+        value = os.environ.get("EDGE_OFFLOAD_BROKER", f"mqtt://127.0.0.1:{DEFAULT_PORT}")
+    if isinstance(value, str):
+        return BrokerAddress.from_settings(value)
+    if isinstance(value, dict):
+        unknown = set(value) - {"url", *BROKER_SETTINGS}
+        if unknown or "url" not in value:
+            raise ValueError(
+                f"broker table needs 'url' and may have {', '.join(BROKER_SETTINGS)}; "
+                f"got {sorted(value)}"
+            )
+        settings = {k: v for k, v in value.items() if k != "url"}
+        return BrokerAddress.from_settings(str(value["url"]), **settings)
+    raise ValueError(f"broker must be a URL or a table, not {type(value).__name__}")
 
 
 def connect_options(address: BrokerAddress, **extra: Any) -> dict[str, Any]:
@@ -108,6 +210,9 @@ def connect_options(address: BrokerAddress, **extra: Any) -> dict[str, Any]:
         "max_inflight_messages": MAX_INFLIGHT,
         "timeout": 10,
     }
+    if address.tls:
+        opts["tls_context"] = address.ssl_context()
+        opts["tls_insecure"] = not address.verify_hostname
     opts.update(extra)
     return opts
 

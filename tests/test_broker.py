@@ -311,6 +311,9 @@ def test_broker_info_url() -> None:
         ("  127.0.0.1:2000 ", ("127.0.0.1", 2000)),
         ("mqtt://[::1]:1885", ("::1", 1885)),
         ("[::1]", ("::1", 1883)),
+        ("mqtts://broker:8884", ("broker", 8884)),
+        ("mqtts://broker", ("broker", 8883)),
+        ("ssl://broker", ("broker", 8883)),
     ],
 )
 def test_parse_broker_url(url: str, expected: tuple[str, int]) -> None:
@@ -323,7 +326,7 @@ def test_parse_broker_url(url: str, expected: tuple[str, int]) -> None:
         "",
         "   ",
         "http://broker:1883",
-        "mqtts://broker:8883",
+        "wss://broker:8883",
         "ws://broker:9001",
         "mqtt://",
         "mqtt://:1883",

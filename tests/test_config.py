@@ -83,3 +83,37 @@ def test_broker_from_the_environment_when_nothing_else_says(
 def test_invalid_agent_settings_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises((ValueError, ProtocolError)):
         AgentConfig.load(**bad)
+
+
+def test_broker_tls_and_credentials_from_a_table_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        "[agent]\nagent_id = 'a0'\n"
+        "[agent.broker]\nurl = 'mqtts://broker.local'\nca_file = '/etc/ca.crt'\n"
+        "cert_file = '/etc/a0.crt'\nkey_file = '/etc/a0.key'\n"
+        "[coordinator]\nallowed_clients = ['ops', 'hmi']\n"
+    )
+    cfg = AgentConfig.load(path)
+    b = cfg.broker
+    assert (b.tls, b.port, b.ca_file, b.cert_file, b.key_file) == (
+        True,
+        8883,
+        "/etc/ca.crt",
+        "/etc/a0.crt",
+        "/etc/a0.key",
+    )
+    assert b.url == "mqtts://broker.local:8883"
+    monkeypatch.setenv("EDGE_OFFLOAD_USERNAME", "coordinator")
+    monkeypatch.setenv("EDGE_OFFLOAD_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("EDGE_OFFLOAD_COORDINATOR_CLIENT_RATE_PER_S", "5")
+    coord = CoordinatorConfig.load(path)
+    assert (coord.broker.username, coord.broker.password) == ("coordinator", "s3cret")
+    assert coord.allowed_clients == ("ops", "hmi") and coord.client_rate_per_s == 5.0
+    assert "s3cret" not in repr(coord) and "s3cret" not in repr(coord.broker)
+    with pytest.raises(ValueError, match="broker table needs 'url'"):
+        path.write_text("[agent]\nagent_id = 'a0'\n[agent.broker]\nhost = 'x'\n")
+        AgentConfig.load(path)
