@@ -63,7 +63,9 @@ class OffloadClient:
     ) -> None:
         self.address = BrokerAddress.parse(broker) if isinstance(broker, str) else broker
         self.topics = Topics(root)
-        self.client_id = client_id or f"sdk-{uuid.uuid4().hex[:12]}"
+        # With a broker login, the client id is the user name (brokers that confine
+        # topics by user, e.g. Mosquitto's use_username_as_clientid, expect it).
+        self.client_id = client_id or self.address.username or f"sdk-{uuid.uuid4().hex[:12]}"
         self._link = Link(
             address=self.address,
             client_id=self.client_id,
@@ -166,7 +168,10 @@ class OffloadClient:
         # Not awaiting the broker's PUBACK saves a round trip per job; the job's result
         # (or a timeout in result()) is the acknowledgement that matters.
         encoding: Encoding = spec.result_encoding  # the same size rule chose it
-        if not self._link.publish_nowait(self.topics.submit, encode(spec, encoding), qos=1):
+        # Submitted under this client's identity: a broker ACL can tie the topic to the
+        # authenticated user, and the coordinator can then check an allow-list.
+        topic = self.topics.submit_as(self.client_id)
+        if not self._link.publish_nowait(topic, encode(spec, encoding), qos=1):
             raise JobError("not connected to the broker", job_id=spec.job_id, code="internal")
         return JobHandle(spec.job_id, future)
 

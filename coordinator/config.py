@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from protocol import DEFAULT_ROOT, BrokerAddress
+from protocol.transport import broker_from_setting
 
 ENV_PREFIX = "EDGE_OFFLOAD_COORDINATOR_"
 
@@ -58,6 +59,16 @@ class CoordinatorConfig:
     # ... and this long, is treated as dead: its microtasks run elsewhere.
     dead_after_s: float = 15.0
     max_payload_bytes: int = 256 * 2**20
+    # Identities (the last segment of jobs/submit/{id}, which a broker ACL ties to the
+    # authenticated user) allowed to submit jobs; empty: anyone, anonymous included.
+    allowed_clients: tuple[str, ...] = ()
+    # Token buckets per sender: messages a second on average, and the burst allowed.
+    # Generous by default (a fleet's results arrive by the thousand a second); tighten
+    # them for fleets you do not trust. 0 means unlimited.
+    client_rate_per_s: float = 1000.0
+    client_burst: float = 2000.0
+    agent_rate_per_s: float = 20000.0
+    agent_burst: float = 40000.0
     # "auto": binary tensor frames (protocol.codec) to agents that advertise them; "json":
     # JSON everywhere, e.g. to watch microtasks with mosquitto_sub.
     wire_encoding: Literal["auto", "json"] = "auto"
@@ -94,8 +105,7 @@ class CoordinatorConfig:
         if url := os.environ.get("EDGE_OFFLOAD_BROKER"):
             values.setdefault("broker", url)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(values.get("broker"), str):
-            values["broker"] = BrokerAddress.parse(values["broker"])
+        values["broker"] = broker_from_setting(values.get("broker"))
         if isinstance(values.get("journal"), str):
             values["journal"] = Path(values["journal"])
         for name, value in list(values.items()):
@@ -106,4 +116,8 @@ class CoordinatorConfig:
                 values[name] = int(value) if fld.type == "int" else float(value)
             elif fld.type == "bool":
                 values[name] = value.strip().lower() in ("1", "true", "yes", "on")
+            elif fld.type == "tuple[str, ...]":
+                values[name] = tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(values.get("allowed_clients"), list):
+            values["allowed_clients"] = tuple(values["allowed_clients"])
         return cls(**values)

@@ -20,6 +20,7 @@ from coordinator.config import CoordinatorConfig, PolicyName
 from coordinator.handles import JobHandle, JobOutput
 from coordinator.journal import Journal
 from coordinator.ledger import Job, Ledger, Microtask, TaskState
+from coordinator.limits import RateLimiter
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, Registry
@@ -100,8 +101,10 @@ class Coordinator:
         # agent id -> results that arrived before the agent's birth, with arrival times
         self._early_results: dict[str, list[tuple[float, TaskResult]]] = {}
         self._early_count = 0
+        self._client_limit = RateLimiter(config.client_rate_per_s, config.client_burst)
+        self._agent_limit = RateLimiter(config.agent_rate_per_s, config.agent_burst)
         self._connected_at = 0.0
-        self._early_submits: list[bytes] = []
+        self._early_submits: list[tuple[bytes, str]] = []
         # Final results and statuses that could not be published (no connection), sent on
         # the next one.
         self._unsent: list[tuple[str, bytes]] = []
@@ -116,6 +119,7 @@ class Coordinator:
                 (self.topics.all_agents("heartbeat"), 0),
                 (self.topics.all_agents("results"), 1),
                 (self.topics.submit, 1),
+                (f"{self.topics.submit}/+", 1),
             ],
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -221,13 +225,20 @@ class Coordinator:
 
     # -- inbound --------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self._submit_topic:
-            self._on_submit(payload)
+        if topic.startswith(self._submit_topic):
+            identity = self.topics.parse_submit(topic)
+            if identity is None:
+                self.rejected["bad_topic"] += 1
+            else:
+                self._on_submit(payload, identity)
             return
         try:
             agent_id, channel = self.topics.parse_agent(topic)
         except ProtocolError:
             self.rejected["bad_topic"] += 1
+            return
+        if not self._agent_limit.allow(agent_id):
+            self.rejected["rate_limited_agent"] += 1
             return
         if len(payload) > self.config.max_payload_bytes:
             self.rejected["too_large"] += 1
@@ -398,20 +409,46 @@ class Coordinator:
         logger.warning("rejected %s from %s: %s", reason.replace("_", " "), agent_id, detail)
 
     # -- job intake -----------------------------------------------------------------------------
-    def _on_submit(self, payload: bytes) -> None:
+    def _on_submit(self, payload: bytes, identity: str = "") -> None:
+        """A job from ``identity`` (the submit topic's last segment; "" if anonymous)."""
+        if not self._client_limit.allow(identity):
+            self.rejected["job_rate_limited"] += 1
+            return  # no answer: answering a flood would double it
+        if self.config.allowed_clients and identity not in self.config.allowed_clients:
+            who = f"identity {identity!r}" if identity else "an anonymous submission"
+            self._reject(
+                payload,
+                "forbidden",
+                f"{who} may not submit jobs to this coordinator",
+                client_id=identity or None,
+            )
+            return
         if len(payload) > self.config.max_payload_bytes:
             self._reject(
                 payload,
                 "too_large",
                 f"job payload of {len(payload)} bytes exceeds the limit of "
                 f"{self.config.max_payload_bytes} bytes",
+                client_id=identity or None,
             )
             return
         try:
             spec = decode(InferenceJob, payload)
         except ProtocolError as e:
-            self._reject(payload, "malformed", e.message)
+            self._reject(payload, "malformed", e.message, client_id=identity or None)
             return
+        if identity:
+            if spec.client_id not in (None, identity):
+                self._reject(
+                    payload,
+                    "forbidden",
+                    f"client_id {spec.client_id!r} is not the submitting identity {identity!r}",
+                    job_id=spec.job_id,
+                    client_id=identity,
+                )
+                return
+            if spec.client_id is None:
+                spec = spec.model_copy(update={"client_id": identity})
         able = [a for a in self.registry.online() if a.available and a.has_model(spec.model)]
         if (
             len(able) < spec.redundancy
@@ -421,7 +458,7 @@ class Coordinator:
             )
             and len(self._early_submits) < EARLY_SUBMITS_LIMIT
         ):
-            self._early_submits.append(payload)  # judged once the births are in
+            self._early_submits.append((payload, identity))  # judged once the births are in
             return
         if spec.job_id in self.ledger.jobs or (
             self.journal is not None and self.journal.known(spec.job_id)
@@ -918,8 +955,8 @@ class Coordinator:
                 and now - self._connected_at >= BIRTHS_GRACE_S
             ):
                 early, self._early_submits = self._early_submits, []
-                for payload in early:
-                    self._on_submit(payload)
+                for payload, identity in early:
+                    self._on_submit(payload, identity)
             for task in self.ledger.expired(now):
                 old = self.registry.agents.get(task.agent_id or "")
                 logger.warning(

@@ -17,6 +17,7 @@ ErrorCode = Literal[
     "no_majority",  # redundant results never agreed (redundancy=k)
     "draining",  # the receiver is shutting down
     "forbidden",  # sender is not allowed to do this
+    "rate_limited",  # sender exceeded its message rate
     "internal",
 ]
 

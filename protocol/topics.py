@@ -74,7 +74,22 @@ class Topics:
     # -- job topics --------------------------------------------------------------------
     @property
     def submit(self) -> str:
+        """Anonymous submissions (refused when the coordinator has an allow-list)."""
         return f"{self.root}/jobs/submit"
+
+    def submit_as(self, client_id: str) -> str:
+        """Submissions of one identity: a broker ACL (``pattern write .../jobs/submit/%u``)
+        makes the last segment the publisher's authenticated user name."""
+        return f"{self.root}/jobs/submit/{check_id(client_id, 'client id')}"
+
+    def parse_submit(self, topic: str) -> str | None:
+        """The identity of a submit topic: ``""`` for the anonymous one, None if not one."""
+        if topic == self.submit:
+            return ""
+        prefix = f"{self.submit}/"
+        if topic.startswith(prefix) and _ID_RE.match(topic[len(prefix) :]):
+            return topic[len(prefix) :]
+        return None
 
     @property
     def rejected(self) -> str:
