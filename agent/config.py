@@ -80,8 +80,8 @@ class AgentConfig:
             raise ValueError("spool_max_items and spool_max_bytes must be >= 1")
         if self.slots < 1:
             raise ValueError("slots must be >= 1")
-        if self.slowdown < 1.0:
-            raise ValueError("slowdown must be >= 1 (it only slows a device down)")
+        if not 1.0 <= self.slowdown <= 1e6:
+            raise ValueError("slowdown must be between 1 and 1e6 (it only slows a device down)")
         if not 0.0 <= self.corrupt_outputs <= 1.0:
             raise ValueError("corrupt_outputs is a fraction between 0 and 1")
 

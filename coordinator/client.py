@@ -233,13 +233,18 @@ class OffloadClient:
             state = AgentState.from_json(payload)
             self._agents[state.agent_id] = state
         else:
+            # A job's own topics speak only for that job, whatever the payload claims.
             for job_id in list(self._watchers):
                 if topic == self.topics.status(job_id):
-                    self._watchers[job_id](JobStatus.from_json(payload))
+                    status = JobStatus.from_json(payload)
+                    if status.job_id == job_id:
+                        self._watchers[job_id](status)
                     return
             for job_id in list(self._waiting):
                 if topic == self.topics.result(job_id):
-                    self._resolve(decode(JobResult, payload))
+                    result = decode(JobResult, payload)
+                    if result.job_id == job_id:
+                        self._resolve(result)
                     return
 
     def _resolve(self, result: JobResult) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from coordinator.handles import JobOutput
 from coordinator.journal import Journal, Recovered
 from coordinator.registry import AgentRecord
-from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor
+from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ class Job:
     # In-process submitters wait on this; MQTT submitters get the result topic instead.
     future: asyncio.Future[JobOutput] | None = None
     publish_result: bool = True
-    output_names: frozenset[str] = frozenset()
+    # The model's outputs (name -> spec), to check every result against.
+    output_specs: dict[str, TensorSpec] = field(default_factory=dict)
     # Recorded in the journal, to be resumed by a restarted coordinator (jobs submitted
     # over MQTT; an in-process submitter does not outlive its coordinator).
     journaled: bool = False

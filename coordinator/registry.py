@@ -52,7 +52,7 @@ class CostModel:
     @classmethod
     def from_info(cls, info: ModelInfo, slowdown: float = 1.0) -> CostModel:
         points = sorted(info.cost)
-        if len(points) >= 2:
+        if len(points) >= 2 and points[0][0] != points[-1][0]:
             (b1, m1), (b2, m2) = points[0], points[-1]
             per = max((m2 - m1) / (b2 - b1), 1e-6)
             return cls(overhead_ms=max(m1 - per * b1, 0.0), per_sample_ms=per)
@@ -155,6 +155,12 @@ class AgentRecord:
         return self.latency_ms + nbytes / self.bytes_per_ms
 
 
+# Dead agents remembered (to order a late birth or death against); the longest dead are
+# forgotten beyond this. And agents known at all: births of new ids beyond are refused.
+MAX_DEAD_AGENTS = 1_000
+MAX_AGENTS = 100_000
+
+
 class Registry:
     """Agents keyed by id. Births with an older ``seq`` than the one known are ignored."""
 
@@ -163,15 +169,19 @@ class Registry:
         self.stale_states = 0
 
     def apply_state(self, msg: AgentState) -> tuple[AgentRecord | None, str]:
-        """Apply a birth or death; return the record and what happened
-        (``born``, ``reborn``, ``died``, ``stale``, ``unknown``)."""
+        """Apply a birth or death; return the record and what happened (``born``,
+        ``reborn``, ``died``, ``stale``, ``unknown``, ``no_capabilities``, ``too_many``)."""
         rec = self.agents.get(msg.agent_id)
+        if rec is None and msg.online and len(self.agents) >= MAX_AGENTS:
+            self._forget_dead(0)
+            if len(self.agents) >= MAX_AGENTS:
+                return None, "too_many"
         if rec is not None and msg.seq < rec.seq:
             self.stale_states += 1
             return rec, "stale"
         if msg.online:
             if msg.capabilities is None:
-                return rec, "stale"
+                return rec, "no_capabilities"
             if rec is None:
                 rec = AgentRecord(agent_id=msg.agent_id, seq=msg.seq, capabilities=msg.capabilities)
                 self.agents[msg.agent_id] = rec
@@ -190,7 +200,19 @@ class Registry:
             return rec, "stale"
         rec.seq = msg.seq
         rec.online = False
+        # A dead agent's capabilities are of no use (a rebirth brings its own); its
+        # learned costs are kept for when it comes back.
+        rec.capabilities = rec.capabilities.model_copy(update={"labels": {}, "models": []})
+        rec.models = {}
+        self._forget_dead(MAX_DEAD_AGENTS)
         return rec, "died"
+
+    def _forget_dead(self, keep: int) -> None:
+        dead = [a for a in self.agents.values() if not a.online and not a.in_flight]
+        if len(dead) > keep:
+            dead.sort(key=lambda a: a.last_seen)
+            for a in dead[: len(dead) - keep]:
+                del self.agents[a.agent_id]
 
     def apply_heartbeat(self, hb: Heartbeat) -> AgentRecord | None:
         rec = self.agents.get(hb.agent_id)

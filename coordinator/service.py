@@ -65,10 +65,12 @@ _CLIENT_ID_RE = re.compile(rb'"client_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_.:-]{0,1
 # round trip is long compared with a microtask, but never above this.
 MAX_PREFETCH_PER_SLOT = 32
 HOUSEKEEPING_S = 0.1
+MAX_LEASE_S = 86_400.0
 JOBS_KEPT = 200
 # Results from agents whose birth has not arrived yet (a restarted coordinator gets its
 # queued session messages before the retained births) wait for it, this many at most.
 EARLY_RESULTS_LIMIT = 10_000
+EARLY_RESULTS_MAX_BYTES = 16 * 2**20
 # Just after connecting, the retained births are still arriving (and a persistent
 # session's queued submissions may come first): a job for a model no agent is known to
 # have yet waits this long before it is judged.
@@ -101,6 +103,7 @@ class Coordinator:
         # agent id -> results that arrived before the agent's birth, with arrival times
         self._early_results: dict[str, list[tuple[float, TaskResult]]] = {}
         self._early_count = 0
+        self._early_bytes = 0
         self._client_limit = RateLimiter(config.client_rate_per_s, config.client_burst)
         self._agent_limit = RateLimiter(config.agent_rate_per_s, config.agent_burst)
         self._connected_at = 0.0
@@ -250,6 +253,8 @@ class Coordinator:
         elif channel == "heartbeat":
             if (hb := self._parse(Heartbeat, agent_id, payload, "heartbeat")) is not None:
                 self._on_heartbeat(agent_id, hb)
+        elif channel != "state":  # not subscribed: a broker delivered what it should not
+            self.rejected["bad_topic"] += 1
         # state: an empty payload only clears a retained message
         elif payload and (state := self._parse(AgentState, agent_id, payload, "state")):
             self._on_state(agent_id, state)
@@ -271,6 +276,11 @@ class Coordinator:
 
     def _on_state(self, agent_id: str, msg: AgentState) -> None:
         rec, what = self.registry.apply_state(msg)
+        if what in ("stale", "unknown", "no_capabilities", "too_many"):
+            # A death older than the newest birth, a second death, the death of an agent
+            # never seen, or a birth that does not say what the agent can do.
+            self.rejected[f"state_{what}"] += 1
+            return
         if what in ("born", "reborn"):
             logger.info(
                 "agent %s online (seq %d, %d slots, models %s)",
@@ -286,7 +296,7 @@ class Coordinator:
                     rec, "agent reconnected without it", count_attempt=False, keep=set(msg.held)
                 )
             if rec is not None and (early := self._early_results.pop(agent_id, None)):
-                self._early_count -= len(early)
+                self._forget_early(early)
                 for _, result in early:
                     self._on_result(agent_id, result)
             self._state_dirty = True
@@ -301,6 +311,13 @@ class Coordinator:
         was_available = known is not None and known.available
         rec = self.registry.apply_heartbeat(hb)
         if rec is None:
+            # From an agent never born, one already dead, or an older session.
+            if known is None:
+                self.rejected["heartbeat_unknown_agent"] += 1
+            elif not known.online:
+                self.rejected["heartbeat_offline_agent"] += 1
+            else:
+                self.rejected["heartbeat_stale"] += 1
             return
         if hb.active:
             now = time.monotonic()
@@ -325,11 +342,16 @@ class Coordinator:
         if agent is None:
             # No birth yet: nobody leased it anything, unless this coordinator restarted
             # and the birth is still on its way. Wait for it (bounded).
-            if self._early_count >= EARLY_RESULTS_LIMIT:
+            size = _tensor_bytes(msg)
+            if (
+                self._early_count >= EARLY_RESULTS_LIMIT
+                or self._early_bytes + size > EARLY_RESULTS_MAX_BYTES
+            ):
                 self._count_reject("result_from_unknown_agent", agent_id, msg.task_id)
             else:
                 self._early_results.setdefault(agent_id, []).append((time.monotonic(), msg))
                 self._early_count += 1
+                self._early_bytes += size
             return
         agent.heard_from()
         task = self._find_task(msg.job_id, msg.task_id)
@@ -367,18 +389,37 @@ class Coordinator:
         self._kick()
 
     def _check_outputs(self, task: Microtask, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
+        """Names, dtypes and shapes as the model declares them, one row per sample."""
         job = task.job
-        if not job.output_names and (info := self.registry.model_info(job.spec.model)):
-            job.output_names = frozenset(o.name for o in info.outputs)  # a resumed job
-        expected = job.output_names
-        if expected and outputs.keys() != expected:
+        if not job.output_specs and (info := self.registry.model_info(job.spec.model)):
+            job.output_specs = {o.name: o for o in info.outputs}  # a resumed job
+        specs = job.output_specs
+        if specs and outputs.keys() != specs.keys():
             raise ProtocolError(
-                f"outputs {sorted(outputs)} do not match the model's", code="bad_input"
+                f"outputs {sorted(outputs)} do not match the model's {sorted(specs)}",
+                code="bad_input",
             )
         for name, arr in outputs.items():
             if arr.ndim == 0 or arr.shape[0] != task.samples:
                 raise ProtocolError(
                     f"output {name!r} has shape {list(arr.shape)}, expected {task.samples} rows",
+                    code="bad_input",
+                )
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            if arr.dtype.name != spec.dtype:
+                raise ProtocolError(
+                    f"output {name!r} is {arr.dtype.name}, the model's is {spec.dtype}",
+                    code="bad_input",
+                )
+            if len(spec.shape) != arr.ndim or any(
+                want is not None and want != got
+                for want, got in zip(spec.shape[1:], arr.shape[1:], strict=True)
+            ):
+                raise ProtocolError(
+                    f"output {name!r} has shape {list(arr.shape)}, the model's is "
+                    f"{['N' if d is None else d for d in spec.shape]}",
                     code="bad_input",
                 )
 
@@ -522,7 +563,7 @@ class Coordinator:
             client_id=spec.client_id,
             future=future,
             publish_result=publish_result,
-            output_names=frozenset(o.name for o in info.outputs),
+            output_specs={o.name: o for o in info.outputs},
         )
         job.split()
         self.ledger.add(job)
@@ -763,6 +804,8 @@ class Coordinator:
         """(lease seconds, estimated execution ms) of ``task`` on ``agent``."""
         finish_ms = estimate_finish_ms(agent, task, nbytes)
         lease_s = max(self.config.lease_min_s, self.config.lease_factor * finish_ms / 1000)
+        if not math.isfinite(lease_s) or lease_s > MAX_LEASE_S:
+            lease_s = MAX_LEASE_S  # a device claiming absurd costs still gets a finite lease
         return lease_s, agent.costs[task.job.spec.model].estimate(task.samples)
 
     def _adopt(self, task: Microtask, agent: AgentRecord, attempt: int) -> None:
@@ -865,7 +908,12 @@ class Coordinator:
         elapsed = self.ledger.finished(job) - job.submitted
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         if job.finished_ok:
-            outputs = job.assemble()
+            try:
+                outputs = job.assemble()
+            except (ValueError, RuntimeError) as e:  # parts that do not fit together
+                logger.exception("job %s: cannot assemble its outputs", job.job_id)
+                job.error = ErrorInfo(code="internal", message=f"outputs do not assemble: {e}")
+        if job.finished_ok:
             result = JobResult(
                 job_id=job.job_id,
                 ok=True,
@@ -1053,12 +1101,16 @@ class Coordinator:
             if late:
                 self._kick()
 
+    def _forget_early(self, results: list[tuple[float, TaskResult]]) -> None:
+        self._early_count -= len(results)
+        self._early_bytes -= sum(_tensor_bytes(r) for _, r in results)
+
     def _expire_early_results(self, now: float) -> None:
         """Results whose agent never announced itself were not leased by anyone."""
         limit = now - self.config.dead_after_s
         for agent_id in [a for a, rs in self._early_results.items() if rs[0][0] < limit]:
             results = self._early_results.pop(agent_id)
-            self._early_count -= len(results)
+            self._forget_early(results)
             self._count_reject("result_from_unknown_agent", agent_id, f"{len(results)} results")
             self.rejected["result_from_unknown_agent"] += len(results) - 1
 
@@ -1089,3 +1141,7 @@ class Coordinator:
             jobs=jobs,
             counts=counts,
         )
+
+
+def _tensor_bytes(msg: TaskResult) -> int:
+    return sum(len(t.data) for t in msg.outputs.values())

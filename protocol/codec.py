@@ -69,6 +69,8 @@ def unframe(payload: bytes) -> dict[str, Any]:
         header = json.loads(payload[_HEADER.size : start])
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"binary frame header is not JSON: {e}", code="malformed") from None
+    except RecursionError:
+        raise ProtocolError("binary frame header nests too deeply", code="malformed") from None
     lengths = header.pop("$buffers", None) if isinstance(header, dict) else None
     if (
         not isinstance(lengths, list)
@@ -86,7 +88,10 @@ def unframe(payload: bytes) -> dict[str, Any]:
     for n in lengths:
         buffers.append(payload[offset : offset + n])
         offset += n
-    result = _insert(header, buffers)
+    try:
+        result = _insert(header, buffers)
+    except RecursionError:
+        raise ProtocolError("binary frame header nests too deeply", code="malformed") from None
     if not isinstance(result, dict):
         raise ProtocolError("binary frame header is not an object", code="malformed")
     return result

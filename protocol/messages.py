@@ -14,6 +14,9 @@ from protocol.tensors import DType, Tensor
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# A benchmark point: batch size, and milliseconds per call (under three hours).
+Batch = Annotated[int, Field(ge=1, le=2**31)]
+CallMs = Annotated[float, Field(ge=0, le=1e7, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
 
 
@@ -60,7 +63,7 @@ class ModelInfo(Message):
     batch_axis: int | None = 0
     # Self-benchmark at start-up: [(batch, milliseconds per call), ...], so the scheduler
     # can fit a fixed per-call overhead plus a per-sample cost.
-    cost: list[tuple[Annotated[int, Field(ge=1)], NonNeg]] = []
+    cost: Annotated[list[tuple[Batch, CallMs]], Field(max_length=64)] = []
 
     def check_inputs(self, inputs: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
         """Raise :class:`ModelError` naming the first input whose name, dtype or shape is wrong.
@@ -117,7 +120,7 @@ class Capabilities(Message):
     power: Literal["mains", "battery", "unknown"] = "unknown"
     models: list[ModelInfo] = []
     # Service-time multiplier used only to emulate slower devices in tests/benchmarks.
-    slowdown: Annotated[float, Field(ge=1)] = 1.0
+    slowdown: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] = 1.0
     # Wire encodings the agent reads on its tasks topic (see protocol.codec).
     encodings: list[Literal["json", "binary"]] = ["json"]
 

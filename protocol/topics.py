@@ -15,7 +15,8 @@ JobChannel = Literal["status", "result"]
 
 _AGENT_CHANNELS: frozenset[str] = frozenset({"state", "heartbeat", "tasks", "results", "models"})
 # Ids become topic levels, so they must never contain MQTT wildcards or separators.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline ("a\n" is no id).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 
 
 def check_id(value: str, what: str = "id") -> str:
