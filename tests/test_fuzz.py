@@ -88,6 +88,7 @@ RUN_EXAMPLES = 20  # examples per hypothesis run; the event loop runs between ru
 PAYLOAD_S = 1.0  # no single payload may take longer (typical: 0.1 ms)
 TOPIC_S = 60.0  # nor all of one topic's
 MEMORY_BOUND = 20 * 2**20
+RSS_BOUND = 64 * 2**20
 THROUGH_BROKER = 500  # payloads per coordinator topic in the end-to-end test
 
 # Messages the coordinator drops because of its state (valid, but out of date or from
@@ -391,7 +392,10 @@ def assert_fuzz_run(run: FuzzRun, topic: str) -> None:
     assert len(run.distinct) >= SEEDED
     assert run.payloads >= SEEDED + STRUCTURED
     assert run.seconds < TOPIC_S, run.summary(topic)
-    assert run.rss_growth < MEMORY_BOUND, run.summary(topic)
+    # RSS also keeps what the allocator has freed but not returned (it varied from +6 to
+    # +30 MiB between runs of the same payloads): a coarse bound against a real leak, over
+    # 13,000 payloads of up to 64 KiB; the traced check below is the precise one.
+    assert run.rss_growth < RSS_BOUND, run.summary(topic)
     assert run.traced_growth < MEMORY_BOUND / 10, run.summary(topic)  # per 1,000 payloads
 
 
