@@ -70,6 +70,9 @@ def agent_processes(
                 str(slots),
                 "--heartbeat",
                 "1",
+                # a demo leaves nothing behind in the user's state directory
+                "--spool-dir",
+                "none",
             ]
             for k, v in labels.items():
                 cmd += ["--label", f"{k}={v}"]
