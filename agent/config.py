@@ -69,6 +69,9 @@ class AgentConfig:
     # Results finished while the broker is unreachable are kept here, one file each, and
     # published on reconnect (also after an agent restart). None keeps them in memory only.
     spool_dir: Path | None = _DEFAULT_SPOOL_DIR
+    # Prometheus metrics at http://{metrics_host}:{metrics_port}/metrics (None: off).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     spool_max_items: int = 10_000
     spool_max_bytes: int = 256 * 2**20
 
@@ -145,6 +148,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         ("queue_limit", int),
         ("max_payload_bytes", int),
         ("spool_max_items", int),
+        ("metrics_port", int),
         ("spool_max_bytes", int),
         ("heartbeat_s", float),
         ("slowdown", float),

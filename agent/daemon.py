@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from protocol import (
     new_seq,
     parse_task,
 )
+from protocol.metrics import Metric, MetricsEndpoint, counter, gauge
 from protocol.transport import Link, cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,10 @@ class Agent:
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.metrics = MetricsEndpoint(self._collect_metrics)
+        self._exec_seconds = self.metrics.histogram(
+            "edge_offload_agent_exec_seconds", "onnxruntime time per microtask, by model", ["model"]
+        )
         self._link = Link(
             address=config.broker,
             client_id=f"agent-{config.agent_id}",
@@ -145,6 +151,8 @@ class Agent:
         ]
         for w in self._workers:
             w.start()
+        if self.config.metrics_port is not None:
+            self.metrics.start(self.config.metrics_host, self.config.metrics_port)
         self._tasks = [
             asyncio.create_task(self._link.run(), name="agent-link"),
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
@@ -159,6 +167,7 @@ class Agent:
             return
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        self.metrics.stop()
         if self._workers:
             for a in self._active.values():
                 a.cancelled.set()
@@ -408,6 +417,7 @@ class Agent:
                 # Emulated slower device: hold the slot for the extra service time.
                 active.cancelled.wait((time.perf_counter() - t0) * (self.config.slowdown - 1.0))
             exec_ms = (time.perf_counter() - t0) * 1000
+            self._exec_seconds.labels(task.model).observe(exec_ms / 1000)
             if self.config.corrupt_outputs and random.random() < self.config.corrupt_outputs:
                 outs = [_corrupt(o) for o in outs]
             result = TaskResult(
@@ -489,6 +499,42 @@ class Agent:
             key[1],
             len(self._spool),
             self._spool.nbytes,
+        )
+
+    def _collect_metrics(self) -> Iterator[Metric]:
+        """Read at scrape time, on the metrics server's thread."""
+        s = self.stats
+        events = {
+            "received": s.received,
+            "completed": s.completed,
+            "failed": s.failed,
+            "duplicates": s.duplicates,
+            "rejected": s.rejected,
+            "cancelled": s.cancelled,
+            "misrouted": s.misrouted,
+            "spooled": s.spooled,
+            "spool_dropped": s.spool_dropped,
+        }
+        yield counter(
+            "edge_offload_agent_microtasks", "Microtask events on this agent", "event", events
+        )
+        running = self._running
+        yield gauge("edge_offload_agent_running", "Microtasks running now", values=running)
+        yield gauge(
+            "edge_offload_agent_queued",
+            "Microtasks accepted and waiting for a slot",
+            values=max(len(self._active) - running, 0),
+        )
+        yield gauge("edge_offload_agent_slots", "Slots (worker threads)", values=self.config.slots)
+        yield gauge(
+            "edge_offload_agent_spool_results",
+            "Results kept while the broker is unreachable",
+            values=len(self._spool),
+        )
+        yield gauge(
+            "edge_offload_agent_connected",
+            "1 while connected to the broker",
+            values=int(self._link.connected.is_set()),
         )
 
     # -- heartbeats -----------------------------------------------------------------------------

@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-benchmark", action="store_true", help="skip the start-up self-benchmark")
     sp.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)",
+    )
+    sp.add_argument(
         "--spool-dir",
         metavar="DIR",
         help="results finished while the broker is unreachable wait here "
@@ -150,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--journal",
         type=Path,
         help="SQLite file: jobs submitted over MQTT survive a coordinator restart",
+    )
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)",
     )
     sp.set_defaults(func=cmd_coordinator)
 
@@ -342,6 +354,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "providers": tuple(args.provider) if args.provider else None,
         "benchmark": False if args.no_benchmark else None,
         "spool_dir": args.spool_dir,
+        "metrics_port": args.metrics_port,
         **_root(args),
     }
     if _broker_args_given(args):  # else the config file's broker, or the environment's
@@ -362,6 +375,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "target_task_ms": args.target_task_ms,
         "journal": args.journal,
+        "metrics_port": args.metrics_port,
         **_root(args),
     }
     if _broker_args_given(args):  # else the config file's broker, or the environment's

@@ -76,6 +76,10 @@ class CoordinatorConfig:
     # None keeps jobs in memory only.
     journal: Path | None = None
     status_interval_s: float = 0.5
+    # Prometheus metrics at http://{metrics_host}:{metrics_port}/metrics (None: off; 0: any
+    # free port, see Coordinator.metrics_port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # A coordinator resuming jobs from the journal waits up to this long for every online
     # agent to report (by heartbeat) the microtasks it still holds, before dispatching the
     # rest; what an agent holds is taken over, not run again.
@@ -112,8 +116,8 @@ class CoordinatorConfig:
             fld = names.get(name)
             if fld is None or not isinstance(value, str):
                 continue
-            if fld.type in ("int", "float"):
-                values[name] = int(value) if fld.type == "int" else float(value)
+            if fld.type in ("int", "float", "int | None"):
+                values[name] = float(value) if fld.type == "float" else int(value)
             elif fld.type == "bool":
                 values[name] = value.strip().lower() in ("1", "true", "yes", "on")
             elif fld.type == "tuple[str, ...]":

@@ -9,7 +9,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -50,6 +50,7 @@ from protocol import (
 )
 from protocol._base import summarize
 from protocol.codec import BINARY_MIN_BYTES
+from protocol.metrics import Metric, MetricsEndpoint, counter, gauge
 from protocol.transport import Link, cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,11 @@ class Coordinator:
         self._unsent: list[tuple[str, bytes]] = []
         # When jobs were resumed from the journal (monotonic), while they are on hold.
         self._resumed_at: float | None = None
+        self.metrics = MetricsEndpoint(self._collect_metrics)
+        self._latency = self.metrics.histogram(
+            "edge_offload_microtask_latency_seconds",
+            "Dispatch to accepted result, per microtask (transfer, queue and execution)",
+        )
         self._link = Link(
             address=config.broker,
             client_id=config.mqtt_client_id,
@@ -134,6 +140,8 @@ class Coordinator:
         self._loop = asyncio.get_running_loop()
         if self.journal is not None:
             self._resume()
+        if self.config.metrics_port is not None:
+            self.metrics.start(self.config.metrics_host, self.config.metrics_port)
         self._tasks = [
             asyncio.create_task(self._link.run(), name="coordinator-link"),
             asyncio.create_task(self._housekeeping(), name="coordinator-housekeeping"),
@@ -154,6 +162,7 @@ class Coordinator:
                 )
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        self.metrics.stop()
         if self.journal is not None:
             self.journal.close()  # flushes what the last tick did not commit
         c = self.ledger.counts
@@ -371,6 +380,7 @@ class Coordinator:
                 self._retry(task, agent, "bad_result", e.message)
             else:
                 self._observe(agent, task, msg)
+                self._latency.observe(time.monotonic() - task.dispatched_at)
                 cancelled = self.ledger.complete(
                     task,
                     agent,
@@ -1100,6 +1110,81 @@ class Coordinator:
                 )
             if late:
                 self._kick()
+
+    def _collect_metrics(self) -> Iterator[Metric]:
+        """Read at scrape time, on the metrics server's thread: snapshots only."""
+        jobs = Counter(job.state for job in list(self.ledger.jobs.values()))
+        yield gauge(
+            "edge_offload_jobs",
+            "Recent jobs by state",
+            ["state"],
+            {(s,): jobs.get(s, 0) for s in ("accepted", "running", "done", "failed")},
+        )
+        yield counter(
+            "edge_offload_microtasks",
+            "Microtask events: dispatched, completed, retried (re-dispatched), adopted after "
+            "a restart, renewed leases, speculated straggler copies, cancelled copies, "
+            "disagreements, failed",
+            "event",
+            dict(self.ledger.counts),
+        )
+        yield counter(
+            "edge_offload_rejected_messages",
+            "Messages refused or dropped, by reason",
+            "reason",
+            dict(self.rejected),
+        )
+        active = list(self.ledger.active.values())
+        yield gauge(
+            "edge_offload_queue_depth",
+            "Microtasks waiting to be dispatched",
+            values=sum(len(j.pending) for j in active),
+        )
+        agents = list(self.registry.agents.values())
+        yield gauge(
+            "edge_offload_agents",
+            "Agents by state",
+            ["state"],
+            {
+                ("available",): sum(a.available for a in agents),
+                ("suspect",): sum(a.online and a.suspect for a in agents),
+                ("offline",): sum(not a.online for a in agents),
+            },
+        )
+        online = [a for a in agents if a.online]
+        yield gauge(
+            "edge_offload_agent_slots",
+            "Slots per agent",
+            ["agent"],
+            {(a.agent_id,): a.slots for a in online},
+        )
+        yield gauge(
+            "edge_offload_agent_in_flight",
+            "Microtasks dispatched to an agent and not answered yet (running or queued there)",
+            ["agent"],
+            {(a.agent_id,): len(a.in_flight) for a in online},
+        )
+        yield gauge(
+            "edge_offload_agent_busy_slots",
+            "Slots running a microtask, from the agent's last heartbeat",
+            ["agent"],
+            {(a.agent_id,): a.heartbeat.running if a.heartbeat else 0 for a in online},
+        )
+        yield gauge(
+            "edge_offload_agent_utilisation",
+            "Busy slots over slots, from the agent's last heartbeat (0-1)",
+            ["agent"],
+            {
+                (a.agent_id,): (a.heartbeat.running / a.slots if a.heartbeat else 0.0)
+                for a in online
+            },
+        )
+        yield counter(
+            "edge_offload_agent_completed",
+            "Microtasks each agent completed (accepted results)",
+            "agent",
+            {a.agent_id: a.completed for a in agents},
+        )
 
     def _forget_early(self, results: list[tuple[float, TaskResult]]) -> None:
         self._early_count -= len(results)
