@@ -127,6 +127,7 @@ class Agent:
         self._idle = asyncio.Event()
         self._idle.set()
         self.metrics = MetricsEndpoint(self._collect_metrics)
+        self._exec_children: dict[str, Any] = {}
         self._exec_seconds = self.metrics.histogram(
             "edge_offload_agent_exec_seconds", "onnxruntime time per microtask, by model", ["model"]
         )
@@ -417,7 +418,7 @@ class Agent:
                 # Emulated slower device: hold the slot for the extra service time.
                 active.cancelled.wait((time.perf_counter() - t0) * (self.config.slowdown - 1.0))
             exec_ms = (time.perf_counter() - t0) * 1000
-            self._exec_seconds.labels(task.model).observe(exec_ms / 1000)
+            self._exec_histogram(task.model).observe(exec_ms / 1000)
             if self.config.corrupt_outputs and random.random() < self.config.corrupt_outputs:
                 outs = [_corrupt(o) for o in outs]
             result = TaskResult(
@@ -500,6 +501,13 @@ class Agent:
             len(self._spool),
             self._spool.nbytes,
         )
+
+    def _exec_histogram(self, model: str) -> Any:
+        """The per-model histogram child, cached: labels() takes a lock on every call."""
+        child = self._exec_children.get(model)
+        if child is None:
+            child = self._exec_children[model] = self._exec_seconds.labels(model)
+        return child
 
     def _collect_metrics(self) -> Iterator[Metric]:
         """Read at scrape time, on the metrics server's thread."""

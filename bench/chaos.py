@@ -177,7 +177,6 @@ class ResultTap:
     def __init__(self, address: BrokerAddress, root: str) -> None:
         self.topics = Topics(root)
         self.per_agent: Counter[str] = Counter()
-        self.last: dict[str, float] = {}
         self.times: dict[str, list[float]] = {}
         self._link = Link(
             address=address,

@@ -759,11 +759,10 @@ class Coordinator:
                 job.pending.popleft()
                 self._send(task, agent, nbytes)
             job.pending.extendleft(reversed(unplaceable))
-            self._give_up_unplaceable(job, unplaceable)
-        for job in [j for j in self.ledger.active.values() if j.error is not None]:
-            self._finish(job)
+            if self._give_up_unplaceable(job, unplaceable):
+                self._finish(job)
 
-    def _give_up_unplaceable(self, job: Job, tasks: list[Microtask]) -> None:
+    def _give_up_unplaceable(self, job: Job, tasks: list[Microtask]) -> bool:
         """A copy no live agent may run, with no other copy of its unit running, cannot
         complete its unit: after ``dead_after_s`` (agents may come back), the job fails."""
         now = time.monotonic()
@@ -781,7 +780,8 @@ class Coordinator:
                     f"{', '.join(ran) or 'none'}"
                     + (f"; excluded: {', '.join(sorted(job.excluded))}" if job.excluded else ""),
                 )
-                return
+                return True
+        return False
 
     @staticmethod
     def _candidates_for(task: Microtask, candidates: list[AgentRecord]) -> list[AgentRecord]:

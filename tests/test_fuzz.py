@@ -230,6 +230,20 @@ async def still_serves(fleet: Fleet, *, through_broker: bool = False) -> None:
     assert_exact(out, fleet.x, batch=10)
 
 
+def idle_heartbeat(agent_id: str, seq: int) -> Heartbeat:
+    return Heartbeat(
+        agent_id=agent_id,
+        seq=seq,
+        ts=0,
+        cpu_percent=0,
+        memory_available=0,
+        running=0,
+        queued=0,
+        slots=1,
+        completed=0,
+    )
+
+
 def state_payload(agent_id: str, *, online: bool, seq: int, caps: Any = None) -> bytes:
     msg: dict[str, Any] = {"v": 1, "type": "state", "agent_id": agent_id, "online": online}
     msg |= {"seq": seq, "ts": time.time()}
@@ -931,17 +945,7 @@ async def test_each_rejection_is_counted_in_its_bucket(bench: Bench) -> None:
     handle, (first, second) = bench.run_job()
     res = t.results("fz-fake")
     good = bench.result(first).to_json()
-    hb = Heartbeat(
-        agent_id="fz-fake",
-        seq=1,
-        ts=0,
-        cpu_percent=0,
-        memory_available=0,
-        running=0,
-        queued=0,
-        slots=1,
-        completed=0,
-    )
+    hb = idle_heartbeat("fz-fake", 1)
     bad_frame = MAGIC + struct.pack("<I", 2) + b"{}" + b"x"  # no $buffers
     steps: list[tuple[str, str, bytes, dict[str, int]]] = [
         ("a topic outside the contract", f"{coord.config.root}/elsewhere", good, {"bad_topic": 1}),
@@ -1223,17 +1227,7 @@ async def test_dropped_messages_are_counted(bench: Bench, case: str) -> None:
     deliver_state(coord, "fz-gone", online=False, seq=3)
 
     def heartbeat(agent_id: str, seq: int) -> bytes:
-        return Heartbeat(
-            agent_id=agent_id,
-            seq=seq,
-            ts=0,
-            cpu_percent=0,
-            memory_available=0,
-            running=0,
-            queued=0,
-            slots=1,
-            completed=0,
-        ).to_json()
+        return idle_heartbeat(agent_id, seq).to_json()
 
     topic, payload = {
         "heartbeat from an agent never born": (t.heartbeat("fz-new"), heartbeat("fz-new", 1)),

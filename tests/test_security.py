@@ -30,6 +30,7 @@ from coordinator import Coordinator, CoordinatorConfig, OffloadClient
 from coordinator.broker import LocalBroker, find_mosquitto, free_port
 from protocol import BrokerAddress, JobError, TaskResult, Topics, encode_arrays
 from protocol.transport import connect_options
+from tests.agent.test_agent import raw_client
 from tests.conftest import MODELS, REPO, require_mosquitto, wait_until
 from tests.coordinator.test_failures import assert_exact
 
@@ -77,8 +78,25 @@ def render(conf: str, pki: Path, state: Path, mtls_port: int, password_port: int
     conf = conf.replace("listener 8884\n", f"listener {password_port} 127.0.0.1\n")
     conf = conf.replace("log_dest syslog", "log_dest stderr")
     assert conf.count("127.0.0.1\n") == 2, "the shipped config's listeners changed"
-    # Run as the user starting the test, so it can read the test's key files.
+    return run_as_me(conf)
+
+
+def run_as_me(conf: str) -> str:
+    """Run Mosquitto as the user starting the test, who can read the test's key files
+    (started as root, it would switch to user mosquitto)."""
     return f"user {getpass.getuser()}\n{conf}"
+
+
+def agent_config(agent_id: str, broker: BrokerAddress, tmp_path: Path) -> AgentConfig:
+    return AgentConfig(
+        agent_id=agent_id,
+        broker=broker,
+        root=ROOT,
+        models_dirs=(MODELS,),
+        benchmark=False,
+        heartbeat_s=0.5,
+        spool_dir=tmp_path / f"{agent_id}-spool",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -275,17 +293,8 @@ async def test_a_job_runs_end_to_end_over_tls_with_certificates_and_passwords(
     secure_broker: SecureBroker, digits: Any, tmp_path: Path
 ) -> None:
     b = secure_broker
-    agent_config = AgentConfig(
-        agent_id="a0",
-        broker=b.device("a0"),
-        root=ROOT,
-        models_dirs=(MODELS,),
-        benchmark=False,
-        heartbeat_s=0.5,
-        spool_dir=tmp_path / "spool",
-    )
     async with (
-        Agent(agent_config) as agent,
+        Agent(agent_config("a0", b.device("a0"), tmp_path)) as agent,
         Coordinator(
             CoordinatorConfig(broker=b.device("coordinator"), root=ROOT, client_id="coordinator")
         ) as coord,
@@ -324,28 +333,16 @@ async def test_a_job_runs_through_a_site_broker_bridged_to_the_central_one(
     bridge = bridge.replace("central.example.net:8883", f"127.0.0.1:{central.mtls_port}")
     bridge = bridge.replace("/etc/mosquitto/certs/", f"{central.pki}/")
     site_conf = tmp_path / "site.conf"
-    me = getpass.getuser()
-    dev = (CONFIG / "mosquitto-dev.conf").read_text()
-    # run as this user, who can read the test's key files
-    site_conf.write_text(f"user {me}\n{dev}\n{bridge}")
+    site_conf.write_text(run_as_me((CONFIG / "mosquitto-dev.conf").read_text() + "\n" + bridge))
     with LocalBroker(kind="mosquitto", config=site_conf) as site:
         site_address = BrokerAddress(host=site.info.host, port=site.info.port)
-        agent_config = AgentConfig(
-            agent_id="a1",
-            broker=site_address,
-            root=ROOT,
-            models_dirs=(MODELS,),
-            benchmark=False,
-            heartbeat_s=0.5,
-            spool_dir=tmp_path / "spool",
-        )
         async with (
             Coordinator(
                 CoordinatorConfig(
                     broker=central.device("coordinator"), root=ROOT, client_id="coordinator"
                 )
             ) as coord,
-            Agent(agent_config),
+            Agent(agent_config("a1", site_address, tmp_path)),
             OffloadClient(central.user("ops", "ops-secret"), root=ROOT) as client,
         ):
             await coord.wait_connected()
@@ -381,7 +378,7 @@ async def test_forged_results_are_rejected_by_the_coordinator(
         ).to_json()
 
     before = dict(coord.rejected)
-    async with mqtt(mosquitto_address) as attacker:
+    async with raw_client(mosquitto_address) as attacker:
         # claims to be "real" on another agent's topic; is "real" on its topic but for an
         # attempt it never got; comes from an agent nobody leased anything to
         await attacker.publish(topics.results("intruder"), forged("real", 1), qos=1)
