@@ -11,13 +11,30 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from coordinator.signals import (
+    ANOMALY_KINDS,
+    HOP,
+    RATE_HZ,
+    WINDOW,
+    SensorStream,
+    anomalous_windows,
+    anomaly_overlap,
+    normal_windows,
+    schedule_anomalies,
+)
+
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 MANIFEST = json.loads((MODELS_DIR / "manifest.json").read_text(encoding="utf-8"))
 ENTRIES: list[dict[str, Any]] = MANIFEST["models"]
 IDS = [m["id"] for m in ENTRIES]
 
 # onnxruntime NodeArg.type -> manifest dtype
-ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(double)": "float64"}
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(int64)": "int64",
+    "tensor(double)": "float64",
+    "tensor(bool)": "bool",
+}
 
 
 def _session(entry: dict[str, Any]) -> ort.InferenceSession:
@@ -87,3 +104,90 @@ def test_digits_mlp_accuracy() -> None:
     accuracy = float(np.mean(label == y))
     assert accuracy >= 0.95
     assert accuracy == pytest.approx(_by_id("digits-mlp")["build"]["full_accuracy"], abs=1e-6)
+
+
+# vibration-anomaly: the quality targets, checked on simulator seeds the build never used.
+MIN_RECALL = 0.95  # of windows lying at least half inside an anomaly
+MAX_FALSE_POSITIVE_RATE = 0.005  # of windows with no anomaly in them
+DEBOUNCE = 2  # consecutive flagged windows that raise an alert
+
+
+def _vibration() -> tuple[ort.InferenceSession, dict[str, Any]]:
+    entry = _by_id("vibration-anomaly")
+    return _session(entry), entry
+
+
+def _flags(windows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    sess, entry = _vibration()
+    verdict = entry["verdict"]
+    assert verdict["op"] == ">"
+    (score,) = sess.run([verdict["output"]], {"window": windows})
+    return np.asarray(score[:, 0] > verdict["threshold"])
+
+
+def test_vibration_anomaly_outputs_agree_with_the_manifest_verdict() -> None:
+    sess, entry = _vibration()
+    assert entry["window"] == {"size": WINDOW, "hop": HOP, "rate_hz": RATE_HZ, "unit": "mm/s"}
+    x = np.concatenate(
+        [normal_windows(40, seed=7), anomalous_windows(60, seed=7)[0], np.zeros((2, WINDOW))]
+    ).astype(np.float32)
+    score, flag = sess.run(["score", "is_anomaly"], {"window": x})
+    assert score.shape == (len(x), 1) and flag.shape == (len(x), 1)
+    assert np.all(np.isfinite(score))
+    np.testing.assert_array_equal(flag[:, 0], score[:, 0] > entry["verdict"]["threshold"])
+    # a flat (dead) signal is as abnormal as it gets
+    assert flag[-2:].all()
+    # batch-independent: one window at a time gives the same scores
+    single = np.concatenate([sess.run(["score"], {"window": x[i : i + 1]})[0] for i in range(8)])
+    np.testing.assert_allclose(single, score[:8], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ANOMALY_KINDS)
+def test_vibration_anomaly_recall_per_kind(kind: str) -> None:
+    windows, kinds = anomalous_windows(120, seed=9100, kinds=[kind])
+    assert set(kinds) == {kind}
+    assert _flags(windows).mean() >= MIN_RECALL
+
+
+def test_vibration_anomaly_false_positive_rate() -> None:
+    assert _flags(normal_windows(4000, seed=9200)).mean() <= MAX_FALSE_POSITIVE_RATE
+
+
+def test_vibration_anomaly_on_fresh_streams() -> None:
+    """20 sensors x 120 s with scheduled anomalies, cut like a monitoring job (128 / 64)."""
+    seed, duration = 9300, 120.0
+    sensors = [f"press-{i:02d}" for i in range(20)]
+    schedule = schedule_anomalies(sensors, duration, seed=seed)
+    assert {a.kind for a in schedule} == set(ANOMALY_KINDS)
+    n = int(duration * RATE_HZ)
+    starts = range(0, n - WINDOW + 1, HOP)
+    inside: list[float] = []
+    windows = []
+    for sensor in sensors:
+        signal = SensorStream(sensor, seed=seed, anomalies=schedule).read(n)
+        for w in starts:
+            windows.append(signal[w : w + WINDOW])
+            _, frac = anomaly_overlap(schedule, sensor, w / RATE_HZ, (w + WINDOW) / RATE_HZ)
+            inside.append(frac)
+    flags = _flags(np.stack(windows)).reshape(len(sensors), len(starts))
+    frac = np.array(inside).reshape(flags.shape)
+    assert flags[frac >= 0.5].mean() >= MIN_RECALL
+    assert flags[frac == 0].mean() <= MAX_FALSE_POSITIVE_RATE
+    # events: alerted when DEBOUNCE consecutive windows touching the anomaly are flagged
+    alerted = 0
+    for a in schedule:
+        row = sensors.index(a.sensor)
+        hit = [
+            bool(flags[row, j]) and a.overlap(w / RATE_HZ, (w + WINDOW) / RATE_HZ) > 0
+            for j, w in enumerate(starts)
+        ]
+        alerted += any(all(hit[j : j + DEBOUNCE]) for j in range(len(hit) - DEBOUNCE + 1))
+    assert alerted >= 0.95 * len(schedule)
+
+
+def test_vibration_anomaly_build_figures_meet_the_targets() -> None:
+    build = _by_id("vibration-anomaly")["build"]
+    assert build["eval"]["false_positive_rate"] <= MAX_FALSE_POSITIVE_RATE
+    assert set(build["eval"]["recall_by_kind"]) == set(ANOMALY_KINDS)
+    assert min(build["eval"]["recall_by_kind"].values()) >= MIN_RECALL
+    assert build["stream_eval"]["event_recall"] >= 0.95

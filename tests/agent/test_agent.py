@@ -94,8 +94,9 @@ async def test_birth_is_retained_and_the_last_will_carries_the_same_seq(
         caps = birth.capabilities
         assert caps.slots == 2 and caps.labels == {"site": "s1"}
         assert "CPUExecutionProvider" in caps.providers
-        (m,) = caps.models
-        assert m.id == "digits-mlp" and len(m.sha256) == 64 and m.ms_per_sample() > 0
+        assert sorted(m.id for m in caps.models) == ["digits-mlp", "vibration-anomaly"]
+        for m in caps.models:
+            assert len(m.sha256) == 64 and (m.ms_per_sample() or 0) > 0
         proc.kill()  # SIGKILL: the broker publishes the Last Will
         (death_msg,) = await collect(c, 1, timeout=30)
         death = AgentState.from_json(death_msg.payload)  # type: ignore[arg-type]
