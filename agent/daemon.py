@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
 import os
 import platform
 import queue
@@ -104,9 +106,13 @@ class Agent:
         self.stats = AgentStats()
         self._store: ModelStore | None = None
         self._capabilities: Capabilities | None = None
-        # Microtasks go to ``slots`` worker threads through a SimpleQueue; finished ones
-        # come back through a deque with one loop wake-up per batch, not one per result.
-        self._work: queue.SimpleQueue[_Active | None] = queue.SimpleQueue()
+        # Microtasks go to ``slots`` worker threads through a priority queue (work with a
+        # deadline first, earliest first; then by priority; then in arrival order);
+        # finished ones come back through a deque with one loop wake-up per batch.
+        self._work: queue.PriorityQueue[tuple[float, float, int, _Active | None]] = (
+            queue.PriorityQueue()
+        )
+        self._order = itertools.count()
         self._workers: list[threading.Thread] = []
         self._finished: deque[tuple[_Active, bytes]] = deque()
         self._wake_lock = threading.Lock()
@@ -174,7 +180,7 @@ class Agent:
                 a.cancelled.set()
                 a.run_options.terminate = True
             for _ in self._workers:
-                self._work.put(None)
+                self._work.put((math.inf, math.inf, next(self._order), None))
             workers, self._workers = self._workers, []
             for w in workers:
                 await asyncio.to_thread(w.join)
@@ -377,7 +383,8 @@ class Agent:
         active = _Active(task=task, received=received, encoding=encoding)
         self._active[key] = active
         self._idle.clear()
-        self._work.put(active)
+        deadline = task.deadline if task.deadline is not None else math.inf
+        self._work.put((deadline, -task.priority, next(self._order), active))
 
     def _remember(self, key: tuple[str, int]) -> None:
         self._seen[key] = None
@@ -461,7 +468,7 @@ class Agent:
 
     def _worker(self) -> None:
         """One slot: take microtasks until told to stop; never runs on the event loop."""
-        while (active := self._work.get()) is not None:
+        while (active := self._work.get()[3]) is not None:
             payload = b"" if active.cancelled.is_set() else self._execute(active)
             self._finished.append((active, payload))
             with self._wake_lock:

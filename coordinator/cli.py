@@ -18,6 +18,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from coordinator import cli_monitor
 from protocol import BrokerAddress, JobError, JobStatus, OffloadError, json_schemas
 
 # Exit codes
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_jobs)
+
+    cli_monitor.add_parsers(sub, common)
 
     sp = sub.add_parser("schema", help="print the JSON Schema of every message")
     sp.add_argument("--out", type=Path, help="write one <type>.schema.json per message here")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiomqtt
@@ -15,6 +17,7 @@ from coordinator.handles import JobHandle, JobOutput
 from protocol import (
     DEFAULT_ROOT,
     AgentState,
+    Alert,
     BrokerAddress,
     CoordinatorState,
     Encoding,
@@ -23,7 +26,12 @@ from protocol import (
     JobError,
     JobResult,
     JobStatus,
+    MonitorJob,
+    MonitorStatus,
+    MonitorSummary,
     ProtocolError,
+    Rejection,
+    StopJob,
     Topics,
     decode,
     decode_tensors,
@@ -66,9 +74,18 @@ class OffloadClient:
         # With a broker login, the client id is the user name (brokers that confine
         # topics by user, e.g. Mosquitto's use_username_as_clientid, expect it).
         self.client_id = client_id or self.address.username or f"sdk-{uuid.uuid4().hex[:12]}"
+        # The identity above owns jobs (and is the login's name on brokers that confine
+        # topics by user); the MQTT connection gets a suffix of its own, so that two
+        # processes of one identity (two CLI commands) do not take over each other's
+        # connection. Brokers with use_username_as_clientid replace it anyway.
+        mqtt_id = (
+            self.client_id
+            if client_id is None and self.address.username is None
+            else f"{self.client_id}-{uuid.uuid4().hex[:6]}"
+        )
         self._link = Link(
             address=self.address,
-            client_id=self.client_id,
+            client_id=mqtt_id,
             subscriptions=[(self.topics.replies(self.client_id), 1)],
             on_message=self._on_message,
         )
@@ -78,6 +95,8 @@ class OffloadClient:
         self._agents: dict[str, AgentState] | None = None
         self._coordinator: asyncio.Future[CoordinatorState] | None = None
         self._counter = 0
+        # Topic filter -> queues of the callers listening to it (monitoring jobs, alerts).
+        self._listeners: dict[str, list[asyncio.Queue[tuple[str, bytes]]]] = {}
 
     async def __aenter__(self) -> OffloadClient:
         # The first connection must succeed (an unreachable broker is an error to the
@@ -187,6 +206,111 @@ class OffloadClient:
         handle = await self.submit(model, inputs, **options)
         return await handle.result(timeout)
 
+    # -- monitoring jobs ------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _listen(self, *filters: str) -> AsyncIterator[asyncio.Queue[tuple[str, bytes]]]:
+        """Messages on ``filters`` while the block runs (subscribed for its duration)."""
+        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        for f in filters:
+            first = f not in self._listeners
+            self._listeners.setdefault(f, []).append(queue)
+            if first and f != self.topics.replies(self.client_id):
+                await self._follow(f, 1)
+        try:
+            yield queue
+        finally:
+            for f in filters:
+                queues = self._listeners.get(f, [])
+                if queue in queues:
+                    queues.remove(queue)
+                if queues:
+                    continue
+                self._listeners.pop(f, None)
+                if f != self.topics.replies(self.client_id):
+                    self._link.subscriptions = [s for s in self._link.subscriptions if s[0] != f]
+                    with contextlib.suppress(aiomqtt.MqttError):
+                        await self.mqtt.unsubscribe(f)
+
+    def _send(self, msg: MonitorJob | StopJob) -> None:
+        if not self._link.publish_nowait(
+            self.topics.submit_as(self.client_id), msg.to_json(), qos=1
+        ):
+            raise JobError("not connected to the broker", job_id=msg.job_id, code="internal")
+
+    async def start_monitor(self, spec: MonitorJob, *, timeout: float = 10.0) -> MonitorStatus:
+        """Start a monitoring job; returns its first status, or raises :class:`JobError`
+        with the coordinator's reason if it is refused."""
+        if spec.client_id is None:
+            spec = spec.model_copy(update={"client_id": self.client_id})
+        async with self._listen(self.topics.status(spec.job_id)) as queue:
+            self._send(spec)
+            async with asyncio.timeout(timeout):
+                while True:
+                    _, payload = await queue.get()
+                    status = _status(payload)
+                    if isinstance(status, MonitorStatus):
+                        if status.state == "running":
+                            return status
+                        raise JobError(
+                            f"job id {spec.job_id!r} belongs to a monitoring job that has "
+                            f"{status.state}",
+                            job_id=spec.job_id,
+                            code="bad_request",
+                        )
+                    if status is not None and status.state == "failed":
+                        raise ErrorInfo.job_error(status.error, spec.job_id)
+
+    async def stop(self, job_id: str, *, timeout: float = 10.0) -> None:
+        """Stop a monitoring job, or cancel an inference job, that this client submitted."""
+        replies = self.topics.replies(self.client_id)
+        async with self._listen(self.topics.status(job_id), replies) as queue:
+            self._send(StopJob(job_id=job_id, client_id=self.client_id))
+            async with asyncio.timeout(timeout):
+                while True:
+                    topic, payload = await queue.get()
+                    if topic == replies:
+                        if _kind(payload) == "rejected":
+                            refused = Rejection.from_json(payload)
+                            if refused.job_id == job_id:
+                                raise ErrorInfo.job_error(refused.error, job_id)
+                        continue
+                    status = _status(payload)
+                    if isinstance(status, MonitorStatus) and status.state != "running":
+                        return
+                    if isinstance(status, JobStatus) and status.state in ("done", "failed"):
+                        return
+
+    async def monitor_status(self, job_id: str, *, timeout: float = 2.0) -> MonitorStatus:
+        """The retained status of a monitoring job (running or stopped)."""
+        async with self._listen(self.topics.status(job_id)) as queue:
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        status = _status((await queue.get())[1])
+                        if isinstance(status, MonitorStatus):
+                            return status
+            except TimeoutError:
+                raise JobError(
+                    f"no monitoring job {job_id!r} on the broker", job_id=job_id, code="bad_request"
+                ) from None
+
+    async def monitors(self, timeout: float = 2.0) -> list[MonitorSummary]:
+        return (await self.coordinator_state(timeout)).monitors
+
+    async def alerts(
+        self, job_id: str | None = None, *, topic: str | None = None
+    ) -> AsyncIterator[Alert]:
+        """Alerts as they come: of one job, on a given topic, or all of them
+        (``{root}/alerts/#``, fleet health included)."""
+        topic = topic or (self.topics.alerts(job_id) if job_id else self.topics.all_alerts)
+        async with self._listen(topic) as queue:
+            while True:
+                _, payload = await queue.get()
+                try:
+                    yield Alert.from_json(payload)
+                except ProtocolError as e:
+                    logger.warning("ignored a malformed alert: %s", e)
+
     # -- fleet ----------------------------------------------------------------------------------
     async def agents(self, wait: float = 0.5) -> dict[str, AgentState]:
         """The agents' retained births/deaths, collected for ``wait`` seconds."""
@@ -222,10 +346,15 @@ class OffloadClient:
             logger.warning("ignored message on %s: %s", topic, e)
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        for pattern, queues in self._listeners.items():
+            if topic == pattern or _matches(topic, pattern):
+                for queue in queues:
+                    queue.put_nowait((topic, payload))
         # Match topics exactly: a broker may deliver what this client never subscribed to
         # (amqtt 0.12 replays other clients' retained messages on connect).
         if topic == self.topics.replies(self.client_id):
-            self._resolve(decode(JobResult, payload))
+            if _kind(payload) != "rejected":  # a refused stop: for its listener above
+                self._resolve(decode(JobResult, payload))
         elif topic == self.topics.coordinator:
             if self._coordinator is not None and not self._coordinator.done():
                 self._coordinator.set_result(CoordinatorState.from_json(payload))
@@ -258,3 +387,26 @@ class OffloadClient:
             future.set_result(JobOutput(job_id=result.job_id, outputs=outputs, result=result))
         else:
             future.set_exception(ErrorInfo.job_error(result.error, result.job_id))
+
+
+def _kind(payload: bytes) -> str | None:
+    """The ``type`` of a JSON message, without validating the rest."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _status(payload: bytes) -> MonitorStatus | JobStatus | None:
+    """A job status topic carries JobStatus (inference) or MonitorStatus (monitoring)."""
+    if not payload:
+        return None
+    try:
+        if _kind(payload) == "monitor_status":
+            return MonitorStatus.from_json(payload)
+        return JobStatus.from_json(payload)
+    except ProtocolError as e:
+        logger.warning("ignored a malformed status: %s", e)
+        return None

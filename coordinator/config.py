@@ -84,6 +84,15 @@ class CoordinatorConfig:
     # agent to report (by heartbeat) the microtasks it still holds, before dispatching the
     # rest; what an agent holds is taken over, not run again.
     resume_grace_s: float = 5.0
+    # Monitoring jobs: windows handed to agents and not decided yet, per job; beyond this
+    # new windows are shed (counted, never silently dropped).
+    monitor_backlog: int = 10_000
+    # A window no agent has run this long after its deadline fails (counted as failed).
+    window_expire_s: float = 30.0
+    # Fleet health alerts: an agent at or above this temperature is hot; one whose CPU is
+    # this busy while our microtasks leave slots free is overloaded.
+    hot_temperature_c: float = 85.0
+    overload_cpu_percent: float = 95.0
 
     @property
     def mqtt_client_id(self) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from protocol import InferenceJob, decode_tensors, encode, encode_arrays
+from protocol import InferenceJob, MonitorJob, decode_tensors, encode, encode_arrays
 from protocol.codec import unframe
 from protocol.messages import JobResult
 
@@ -55,6 +56,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS monitors (
+    job_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,          -- the MonitorJob as JSON
+    started REAL NOT NULL,       -- wall clock
+    stopped INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL,
@@ -106,6 +113,7 @@ class Journal:
         self._tasks: dict[tuple[str, int], tuple[int, int]] = {}
         self._results: list[tuple[str, int, str, bytes]] = []
         self._finished: list[str] = []
+        self._monitors: list[tuple[str, str | None, float]] = []
         self.commits = 0
         self._crash = _crash_point()
 
@@ -133,9 +141,15 @@ class Journal:
     def job_finished(self, job: Job) -> None:
         self._finished.append(job.job_id)
 
+    def monitor_started(self, spec: MonitorJob, started: float) -> None:
+        self._monitors.append((spec.job_id, spec.model_dump_json(), started))
+
+    def monitor_stopped(self, job_id: str) -> None:
+        self._monitors.append((job_id, None, 0.0))
+
     @property
     def dirty(self) -> bool:
-        return bool(self._jobs or self._tasks or self._results or self._finished)
+        return bool(self._jobs or self._tasks or self._results or self._finished or self._monitors)
 
     # -- I/O ------------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -163,12 +177,21 @@ class Journal:
                 db.execute("UPDATE jobs SET finished = 1, spec = x'' WHERE job_id = ?", (job_id,))
                 db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
                 db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            for job_id, spec, started in self._monitors:
+                if spec is None:
+                    db.execute("UPDATE monitors SET stopped = 1 WHERE job_id = ?", (job_id,))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO monitors (job_id, spec, started) VALUES (?,?,?)",
+                        (job_id, spec, started),
+                    )
             self._maybe_crash("before")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         self._jobs, self._tasks, self._results, self._finished = [], {}, [], []
+        self._monitors = []
         self.commits += 1
         self._maybe_crash("after")
 
@@ -178,8 +201,24 @@ class Journal:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def known(self, job_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return row is not None
+        """A job or monitoring job with this id was ever started."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE job_id = ? UNION SELECT 1 FROM monitors WHERE job_id = ?",
+            (job_id, job_id),
+        ).fetchone()
+        return row is not None or any(m[0] == job_id for m in self._monitors)
+
+    def running_monitors(self) -> list[tuple[MonitorJob, float]]:
+        """Monitoring jobs not stopped, with their start time (wall clock)."""
+        out = []
+        for spec, started in self._db.execute(
+            "SELECT spec, started FROM monitors WHERE stopped = 0 ORDER BY started"
+        ):
+            try:
+                out.append((MonitorJob.model_validate_json(spec), started))
+            except ValidationError as e:  # written by another version: skip, say so
+                logger.error("journal: cannot resume a monitoring job: %s", e)
+        return out
 
     def unfinished(self) -> list[Recovered]:
         """Every job not finished when the journal was last committed, in submission order."""

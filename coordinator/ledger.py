@@ -8,7 +8,7 @@ import heapq
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,15 @@ class Job:
     # split carry it in their task id, so they never collide with copies an earlier
     # incarnation added (those are not re-created by a restart).
     incarnation: int = 1
+    # Windows of a monitoring job: due by then (monotonic), dispatched before any work
+    # without a deadline (earliest deadline first), only to agents whose labels match
+    # ``require`` (and to those matching ``prefer`` when one is available).
+    deadline: float | None = None
+    require: tuple[tuple[str, str], ...] = ()
+    prefer: tuple[tuple[str, str], ...] = ()
+    # Internal jobs (monitoring windows) report here instead of to a submitter; they are
+    # not journaled, listed or kept once finished.
+    on_finish: Callable[[Job], None] | None = None
 
     @property
     def job_id(self) -> str:
@@ -309,6 +318,12 @@ class Ledger:
             inputs=task.job.inputs_for(task),
             lease_until=now + lease_s,
             sent_at=now,
+            deadline=(
+                None
+                if task.job.deadline is None
+                else now + max(task.job.deadline - task.dispatched_at, 0.0)
+            ),
+            priority=task.job.spec.priority,
         )
 
     def _run(

@@ -116,6 +116,8 @@ class AgentRecord:
     # agent last made visible progress on them (a result, or work arriving at an idle agent).
     queued_ms: float = 0.0
     progress_mark: float = 0.0
+    # Why it went offline (its death message's reason, or "silent").
+    offline_reason: str | None = None
 
     def __post_init__(self) -> None:
         self._load_models()
@@ -200,6 +202,7 @@ class Registry:
             return rec, "stale"
         rec.seq = msg.seq
         rec.online = False
+        rec.offline_reason = msg.reason
         # A dead agent's capabilities are of no use (a rebirth brings its own); its
         # learned costs are kept for when it comes back.
         rec.capabilities = rec.capabilities.model_copy(update={"labels": {}, "models": []})

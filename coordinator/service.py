@@ -9,24 +9,28 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import aiomqtt
 import numpy as np
+from paho.mqtt.client import topic_matches_sub
 from pydantic import ValidationError
 
 from coordinator.config import CoordinatorConfig, PolicyName
 from coordinator.handles import JobHandle, JobOutput
+from coordinator.health import FleetHealth, HealthLimits
 from coordinator.journal import Journal
 from coordinator.ledger import Job, Ledger, Microtask, TaskState
 from coordinator.limits import RateLimiter
+from coordinator.monitor import Monitor, Outcome, Window
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, Registry
 from protocol import (
     AgentShare,
     AgentState,
+    Alert,
     CancelTask,
     CoordinatorState,
     Encoding,
@@ -38,15 +42,18 @@ from protocol import (
     JobResult,
     JobStatus,
     JobSummary,
+    MonitorJob,
     OffloadError,
     ProtocolError,
     Rejection,
+    StopJob,
     TaskResult,
     Topics,
     decode,
     decode_tensors,
     encode,
     encode_arrays,
+    parse_submission,
 )
 from protocol._base import summarize
 from protocol.codec import BINARY_MIN_BYTES
@@ -78,6 +85,11 @@ EARLY_RESULTS_MAX_BYTES = 16 * 2**20
 BIRTHS_GRACE_S = 2.0
 EARLY_SUBMITS_LIMIT = 1_000
 UNSENT_LIMIT = 1_000
+# Recently stopped monitoring jobs listed in the coordinator's state.
+STOPPED_MONITORS_KEPT = 50
+# Topic -> monitoring jobs reading it, cached; cleared when it grows past this.
+ROUTE_CACHE_LIMIT = 100_000
+HEALTH_INTERVAL_S = 0.5
 
 
 class Coordinator:
@@ -114,6 +126,22 @@ class Coordinator:
         self._unsent: list[tuple[str, bytes]] = []
         # When jobs were resumed from the journal (monotonic), while they are on hold.
         self._resumed_at: float | None = None
+        # Monitoring jobs by id (running, and recently stopped), which of them read a
+        # topic, and the windows cut in this loop iteration, dispatched together.
+        self.monitors: dict[str, Monitor] = {}
+        self._routes: dict[str, list[Monitor]] = {}
+        self._windows: list[Window] = []
+        self._windows_scheduled = False
+        self._window_jobs = 0
+        self.health = FleetHealth(
+            HealthLimits(
+                hot_c=config.hot_temperature_c,
+                overload_cpu_percent=config.overload_cpu_percent,
+            )
+        )
+        self.alert_counts: Counter[str] = Counter()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._root_prefix = f"{self.topics.root}/"
         self.metrics = MetricsEndpoint(self._collect_metrics)
         self._latency = self.metrics.histogram(
             "edge_offload_microtask_latency_seconds",
@@ -199,6 +227,11 @@ class Coordinator:
                 job.done,
                 len(job.units),
             )
+        for monitor_spec, started in self.journal.running_monitors():
+            try:
+                self.start_monitor(monitor_spec, resumed=True, started=started)
+            except OffloadError as e:
+                logger.error("cannot resume monitoring job %s: %s", monitor_spec.job_id, e)
 
     async def wait_connected(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self._link.connected.wait(), timeout)
@@ -237,6 +270,9 @@ class Coordinator:
 
     # -- inbound --------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if not topic.startswith(self._root_prefix):
+            self._on_sensor(topic, payload)
+            return
         if topic.startswith(self._submit_topic):
             identity = self.topics.parse_submit(topic)
             if identity is None:
@@ -328,6 +364,7 @@ class Coordinator:
             else:
                 self.rejected["heartbeat_stale"] += 1
             return
+        self.health.heartbeat(rec, hb)
         if hb.active:
             now = time.monotonic()
             for task_id, attempt in hb.active:
@@ -484,7 +521,7 @@ class Coordinator:
             )
             return
         try:
-            spec = decode(InferenceJob, payload)
+            spec = parse_submission(payload)
         except ProtocolError as e:
             self._reject(payload, "malformed", e.message, client_id=identity or None)
             return
@@ -500,9 +537,13 @@ class Coordinator:
                 return
             if spec.client_id is None:
                 spec = spec.model_copy(update={"client_id": identity})
+        if isinstance(spec, StopJob):
+            self._stop_job(spec, payload)
+            return
+        needed = spec.redundancy if isinstance(spec, InferenceJob) else 1
         able = [a for a in self.registry.online() if a.available and a.has_model(spec.model)]
         if (
-            len(able) < spec.redundancy
+            len(able) < needed
             and (
                 not self._link.connected.is_set()  # still (re)connecting
                 or time.monotonic() - self._connected_at < BIRTHS_GRACE_S
@@ -511,15 +552,20 @@ class Coordinator:
         ):
             self._early_submits.append((payload, identity))  # judged once the births are in
             return
-        if spec.job_id in self.ledger.jobs or (
-            self.journal is not None and self.journal.known(spec.job_id)
+        if (
+            spec.job_id in self.ledger.jobs
+            or spec.job_id in self.monitors
+            or (self.journal is not None and self.journal.known(spec.job_id))
         ):
             # QoS 1 redelivery or a client retry: submission is idempotent per job id.
             self.rejected["duplicate_job"] += 1
             logger.info("job %s submitted again; ignored", spec.job_id)
             return
         try:
-            self.submit(spec)
+            if isinstance(spec, MonitorJob):
+                self.start_monitor(spec)
+            else:
+                self.submit(spec)
         except OffloadError as e:
             self._reject(payload, e.code, e.message, job_id=spec.job_id, client_id=spec.client_id)
 
@@ -708,6 +754,326 @@ class Coordinator:
             if job is not None:
                 del self.ledger.jobs[job.job_id]
 
+    # -- monitoring jobs ------------------------------------------------------------------------
+    def start_monitor(
+        self, spec: MonitorJob, *, resumed: bool = False, started: float | None = None
+    ) -> Monitor:
+        """Validate and start a monitoring job. Raises :class:`OffloadError` if refused."""
+        if spec.job_id == "fleet":
+            raise OffloadError(
+                "job id 'fleet' is reserved: fleet health alerts use that topic",
+                code="bad_request",
+            )
+        if spec.job_id in self.monitors or spec.job_id in self.ledger.jobs:
+            raise OffloadError(f"job id {spec.job_id!r} is already in use", code="bad_request")
+        for source in spec.sources:
+            self._check_source(source)
+        alert_topic = spec.alert_topic or self.topics.alerts(spec.job_id)
+        if any(c in alert_topic for c in "+#") or alert_topic.startswith("$"):
+            raise OffloadError(
+                f"alert topic {alert_topic!r} must be a plain topic (no wildcards, no $)",
+                code="bad_request",
+            )
+        if alert_topic.startswith(self._root_prefix) and alert_topic != self.topics.alerts(
+            spec.job_id
+        ):
+            raise OffloadError(
+                f"alert topic {alert_topic!r} is under {self.topics.root}/; only "
+                f"{self.topics.alerts(spec.job_id)} is allowed there",
+                code="bad_request",
+            )
+        monitor = Monitor(spec=spec, alert_topic=alert_topic)
+        if started is not None:
+            monitor.started = started
+        info = self.registry.model_info(spec.model)
+        if info is None and not resumed:
+            known = ", ".join(self.registry.known_models()) or "none"
+            raise OffloadError(
+                f"no agent in the fleet has model {spec.model!r} (available: {known})",
+                code="unknown_model",
+            )
+        if info is not None:
+            try:
+                monitor.bind_model(info.inputs, info.outputs)
+            except ValueError as e:
+                raise OffloadError(str(e), code="bad_input") from None
+        self.monitors[spec.job_id] = monitor
+        self._routes.clear()
+        for source in spec.sources:
+            self._background(self._link.subscribe(source, 1), f"subscribe {source}")
+        if self.journal is not None and not resumed:
+            self.journal.monitor_started(spec, monitor.started)
+        self._publish_monitor_status(monitor)
+        self._state_dirty = True
+        logger.info(
+            "monitor %s %s: %s, windows of %d every %d through %s, deadline %.0f ms, alerts on %s",
+            spec.job_id,
+            "resumed" if resumed else "started",
+            ", ".join(spec.sources),
+            spec.window,
+            spec.hop,
+            spec.model,
+            spec.deadline_ms,
+            alert_topic,
+        )
+        return monitor
+
+    def stop_monitor(self, job_id: str, reason: str = "stopped") -> Monitor:
+        """Stop a running monitoring job: no more windows; its status says why."""
+        monitor = self.monitors.get(job_id)
+        if monitor is None or monitor.state != "running":
+            raise OffloadError(f"no running monitoring job {job_id!r}", code="bad_request")
+        monitor.state = "stopped"
+        monitor.last_error = monitor.last_error if reason == "stopped" else reason
+        self._routes.clear()
+        still = {s for m in self.monitors.values() if m.state == "running" for s in m.spec.sources}
+        for source in set(monitor.spec.sources) - still:
+            self._background(self._link.unsubscribe(source), f"unsubscribe {source}")
+        if self.journal is not None:
+            self.journal.monitor_stopped(job_id)
+        self._publish_monitor_status(monitor)
+        stopped = [m for m in self.monitors.values() if m.state != "running"]
+        for old in stopped[: max(len(stopped) - STOPPED_MONITORS_KEPT, 0)]:
+            del self.monitors[old.job_id]
+        self._state_dirty = True
+        logger.info("monitor %s stopped (%s)", job_id, reason)
+        return monitor
+
+    def _check_source(self, source: str) -> None:
+        """A source filter is a valid MQTT filter that cannot match this coordinator's own
+        topics (or every topic on the broker)."""
+        levels = source.split("/")
+        bad = (
+            source.startswith("$")
+            or any(("+" in lv or "#" in lv) and lv not in ("+", "#") for lv in levels)
+            or "#" in levels[:-1]
+        )
+        if bad:
+            raise OffloadError(f"source {source!r} is not a valid topic filter", code="bad_request")
+        if levels[0] in ("+", "#"):
+            raise OffloadError(
+                f"source {source!r} starts with a wildcard: name at least the first level",
+                code="bad_request",
+            )
+        root = self.topics.root.split("/")
+        for i, level in enumerate(root):
+            if i >= len(levels):
+                return
+            if levels[i] == "#":
+                break
+            if levels[i] not in ("+", level):
+                return
+        raise OffloadError(
+            f"source {source!r} overlaps this coordinator's topics under {self.topics.root}/",
+            code="bad_request",
+        )
+
+    def _background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except aiomqtt.MqttError as e:  # re-done on the next connection
+                logger.warning("%s failed: %s", what, e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _stop_job(self, msg: StopJob, payload: bytes) -> None:
+        """A stop request from a client (``msg.client_id`` is its identity when known)."""
+        who = msg.client_id
+        monitor = self.monitors.get(msg.job_id)
+        job = self.ledger.jobs.get(msg.job_id)
+        owner: str | None
+        if monitor is not None and monitor.state == "running":
+            owner = monitor.spec.client_id
+        elif job is not None and not job.terminal and job.on_finish is None:
+            owner = job.client_id
+        else:
+            self._refuse_stop(msg, "bad_request", f"no running job {msg.job_id!r} to stop")
+            return
+        if owner is not None and owner != who:
+            self._refuse_stop(
+                msg, "forbidden", f"job {msg.job_id!r} belongs to another client than {who!r}"
+            )
+            return
+        by = f"stopped by {who}" if who else "stopped by an anonymous client"
+        if monitor is not None and monitor.state == "running":
+            self.stop_monitor(msg.job_id, by)
+        elif job is not None:
+            job.error = ErrorInfo(code="cancelled", message=f"job cancelled: {by}")
+            self._finish(job)
+
+    def _refuse_stop(self, msg: StopJob, code: ErrorCode, text: str) -> None:
+        self.rejected[f"stop_{code}"] += 1
+        logger.warning("stop of %s refused: [%s] %s", msg.job_id, code, text)
+        answer = Rejection(
+            error=ErrorInfo(code=code, message=text),
+            payload_bytes=0,
+            job_id=msg.job_id,
+            ts=time.time(),
+        ).to_json()
+        self._link.publish_nowait(self.topics.rejected, answer)
+        if msg.client_id is not None:
+            self._link.publish_nowait(self.topics.replies(msg.client_id), answer)
+
+    def _on_sensor(self, topic: str, payload: bytes) -> None:
+        """A message on a monitoring job's source topic."""
+        monitors = self._routes.get(topic)
+        if monitors is None:
+            monitors = [
+                m
+                for m in self.monitors.values()
+                if m.state == "running" and any(topic_matches_sub(f, topic) for f in m.spec.sources)
+            ]
+            if len(self._routes) >= ROUTE_CACHE_LIMIT:
+                self._routes.clear()
+            self._routes[topic] = monitors
+        if not monitors:
+            # A stopped job's subscription the broker still had, or routing gone wrong.
+            self.rejected["sensor_unrouted"] += 1
+            return
+        if len(payload) > self.config.max_payload_bytes:
+            self.rejected["sensor_too_large"] += 1
+            return
+        now, wall = time.monotonic(), time.time()
+        for monitor in monitors:
+            windows = monitor.on_reading(topic, payload, now, wall)
+            if windows:
+                self._windows.extend(windows)
+                if not self._windows_scheduled and self._loop is not None:
+                    # Windows cut in one loop iteration travel together.
+                    self._windows_scheduled = True
+                    self._loop.call_soon(self._flush_windows)
+
+    def _flush_windows(self) -> None:
+        self._windows_scheduled = False
+        windows, self._windows = self._windows, []
+        groups: dict[tuple[str, tuple[Any, ...], tuple[Any, ...]], list[Window]] = {}
+        for w in windows:
+            groups.setdefault((w.job_id, w.require, w.prefer), []).append(w)
+        now = time.monotonic()
+        for (job_id, require, prefer), group in groups.items():
+            monitor = self.monitors.get(job_id)
+            if monitor is None or monitor.state != "running":
+                continue
+            room = max(self.config.monitor_backlog - monitor.outstanding, 0)
+            if room < len(group):
+                shed = group[room:]
+                group = group[:room]
+                monitor.last_error = (
+                    f"{len(shed)} windows shed: {monitor.outstanding} already waiting "
+                    f"(monitor_backlog {self.config.monitor_backlog})"
+                )
+                logger.warning("monitor %s: %s", job_id, monitor.last_error)
+                self._decide(monitor, [Outcome(w, None, None, now, why="shed") for w in shed])
+            if not group:
+                continue
+            if monitor.input_name is None and not self._bind(monitor):
+                self._decide(monitor, [Outcome(w, None, None, now) for w in group])
+                continue
+            self._submit_windows(monitor, group, require, prefer)
+        self._dispatch()
+
+    def _bind(self, monitor: Monitor) -> bool:
+        """Check a resumed job's model once an agent that has it is known."""
+        info = self.registry.model_info(monitor.spec.model)
+        if info is None:
+            monitor.last_error = f"no agent in the fleet has model {monitor.spec.model!r}"
+            return False
+        try:
+            monitor.bind_model(info.inputs, info.outputs)
+        except ValueError as e:
+            monitor.last_error = str(e)
+            logger.error("monitor %s: %s", monitor.job_id, e)
+            return False
+        return True
+
+    def _submit_windows(
+        self,
+        monitor: Monitor,
+        windows: list[Window],
+        require: tuple[tuple[str, str], ...],
+        prefer: tuple[tuple[str, str], ...],
+    ) -> None:
+        """The windows as one internal job with a deadline, split over the agents able to
+        run them now."""
+        model = monitor.spec.model
+        able = [
+            a
+            for a in self.registry.agents.values()
+            if a.available and a.has_model(model) and _labels_match(a, require)
+        ]
+        slots = sum(a.slots for a in able) or 1
+        batch = max(1, math.ceil(len(windows) / slots))
+        self._window_jobs += 1
+        spec = InferenceJob.model_construct(
+            job_id=f"{monitor.job_id[:100]}.w{self._window_jobs}",
+            model=model,
+            inputs={},
+            batch_size=batch,
+            policy=monitor.spec.policy,
+        )
+        info = self.registry.model_info(model)
+        job = Job(
+            spec=spec,
+            arrays={monitor.input_name or "": monitor.batch(windows)},
+            batch_size=batch,
+            policy=monitor.spec.policy or self.config.policy,
+            publish_result=False,
+            output_specs={o.name: o for o in info.outputs} if info else {},
+            deadline=min(w.deadline for w in windows),
+            require=require,
+            prefer=prefer,
+            on_finish=lambda job: self._windows_done(monitor, windows, job),
+        )
+        job.split()
+        self.ledger.add(job)
+        monitor.outstanding += len(windows)
+
+    def _windows_done(self, monitor: Monitor, windows: list[Window], job: Job) -> None:
+        now = time.monotonic()
+        monitor.outstanding -= len(windows)
+        if job.finished_ok:
+            scores = monitor.scores(job.assemble(), len(windows))
+            outcomes = []
+            for i, (w, score) in enumerate(zip(windows, scores, strict=True)):
+                ran = [
+                    c.agent_id for c in job.units[i // job.batch_size] if c.state is TaskState.DONE
+                ]
+                outcomes.append(Outcome(w, score, ran[0] if ran else None, now))
+        else:
+            why = job.error.message if job.error else "failed"
+            monitor.last_error = f"{len(windows)} windows failed: {why}"
+            logger.warning("monitor %s: %s", monitor.job_id, monitor.last_error)
+            outcomes = [Outcome(w, None, None, now) for w in windows]
+        self._decide(monitor, outcomes)
+
+    def _decide(self, monitor: Monitor, outcomes: list[Outcome]) -> None:
+        for alert in monitor.on_outcomes(outcomes, time.time()):
+            if monitor.state == "running":
+                self._raise(monitor.alert_topic, alert)
+
+    def _raise(self, topic: str, alert: Alert) -> None:
+        self.alert_counts[alert.kind] += 1
+        self._publish(topic, alert.to_json())
+
+    def _publish_monitor_status(self, monitor: Monitor) -> None:
+        self._link.publish_nowait(
+            self.topics.status(monitor.job_id), monitor.status().to_json(), retain=True
+        )
+
+    def _expire_windows(self, now: float) -> None:
+        """Windows no agent ran long after their deadline fail, so verdicts move on."""
+        limit = self.config.window_expire_s
+        for job in [j for j in self.ledger.active.values() if j.on_finish is not None]:
+            if job.deadline is not None and now > job.deadline + limit:
+                job.error = ErrorInfo(
+                    code="exhausted",
+                    message=f"no agent ran it within {limit:g} s after its deadline",
+                )
+                self._finish(job)
+
     # -- dispatch -------------------------------------------------------------------------------
     def _kick(self) -> None:
         """Run a dispatch round soon; many events in one loop iteration share one round."""
@@ -722,6 +1088,9 @@ class Coordinator:
             per_slot = max(per_slot, math.ceil(agent.latency_ms / agent.exec_ms_avg) + 1)
         return agent.slots * min(per_slot, MAX_PREFETCH_PER_SLOT) - len(agent.in_flight)
 
+    def _urgent_credit(self, agent: AgentRecord) -> int:
+        return self.credit(agent) + agent.slots
+
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
         if not self._link.connected.is_set():
@@ -729,15 +1098,24 @@ class Coordinator:
         now = time.monotonic()
         jobs = [j for j in self.ledger.active.values() if j.pending and j.hold_until <= now]
         if len(jobs) > 1:
-            jobs.sort(key=lambda j: -j.spec.priority)  # stable: FIFO within a priority
+            jobs.sort(key=_dispatch_order)  # stable: FIFO within a priority
         for job in jobs:
             model = job.spec.model
             candidates = sorted(
-                (a for a in self.registry.agents.values() if a.available and a.has_model(model)),
+                (
+                    a
+                    for a in self.registry.agents.values()
+                    if a.available and a.has_model(model) and _labels_match(a, job.require)
+                ),
                 key=lambda a: a.agent_id,
             )
+            if job.prefer:
+                candidates = [a for a in candidates if _labels_match(a, job.prefer)] or candidates
             if not candidates:
                 continue
+            # Work with a deadline may also use one more microtask per slot than credit
+            # allows: it overtakes queued batch work on the agent (RunTask.deadline).
+            credit = self._urgent_credit if job.deadline is not None else self.credit
             policy = self._policy(job.policy)
             backlog = self._backlog_ms(job, candidates)
             unplaceable: list[Microtask] = []
@@ -752,9 +1130,9 @@ class Coordinator:
                     continue
                 task.unplaceable_since = 0.0
                 nbytes = task.samples * job.bytes_per_sample
-                ctx = Placement(credit=self.credit, payload_bytes=nbytes, backlog_ms=backlog)
+                ctx = Placement(credit=credit, payload_bytes=nbytes, backlog_ms=backlog)
                 agent = policy.choose(task, eligible, ctx)
-                if agent is None or self.credit(agent) <= 0:
+                if agent is None or credit(agent) <= 0:
                     break
                 job.pending.popleft()
                 self._send(task, agent, nbytes)
@@ -910,6 +1288,14 @@ class Coordinator:
 
     # -- completion -----------------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
+        if job.on_finish is not None:  # windows of a monitoring job
+            self.ledger.finished(job)
+            self.ledger.jobs.pop(job.job_id, None)
+            if not job.finished_ok:
+                self._send_cancels(self.ledger.cancel_job(job, self.registry.agents))
+            job.on_finish(job)
+            job.arrays, job.outputs = {}, []
+            return
         if job.journaled and self.journal is not None:
             # Results are durable before the job is reported done. Marking it finished
             # is committed later: a crash in between only means the (same) result is
@@ -996,7 +1382,7 @@ class Coordinator:
 
     # -- housekeeping ---------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
-        last_status = last_state = 0.0
+        last_status = last_state = last_health = 0.0
         last_counted = 0
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
@@ -1032,6 +1418,7 @@ class Coordinator:
                     old.suspect = True
                 self._retry(task, old, "lease_expired", "no result before the lease expired")
                 self._kick()
+            self._expire_windows(now)
             if self.config.speculate:
                 self._speculate(now)
             if any(j.pending for j in self.ledger.active.values()):
@@ -1051,13 +1438,22 @@ class Coordinator:
                     self.config.dead_after_s,
                 )
                 agent.online = False
+                agent.offline_reason = f"silent for {self.config.dead_after_s:.0f}s"
                 self._requeue_agent(agent, "agent silent")
                 self._state_dirty = True
+            if now - last_health >= HEALTH_INTERVAL_S:
+                last_health = now
+                for alert in self.health.check(list(self.registry.agents.values()), time.time()):
+                    logger.warning("fleet: %s", alert.message)
+                    self._raise(self.topics.fleet_alerts, alert)
             if now - last_status >= self.config.status_interval_s:
                 last_status = now
                 for job in self.ledger.active.values():
-                    if job.done:
+                    if job.done and job.on_finish is None:
                         self._publish_status(job)
+                for monitor in self.monitors.values():
+                    if monitor.state == "running":
+                        self._publish_monitor_status(monitor)
             counted = self.ledger.counts.total() + self.rejected.total()
             if counted != last_counted:
                 last_counted, self._state_dirty = counted, True
@@ -1113,7 +1509,9 @@ class Coordinator:
 
     def _collect_metrics(self) -> Iterator[Metric]:
         """Read at scrape time, on the metrics server's thread: snapshots only."""
-        jobs = Counter(job.state for job in list(self.ledger.jobs.values()))
+        jobs = Counter(
+            job.state for job in list(self.ledger.jobs.values()) if job.on_finish is None
+        )
         yield gauge(
             "edge_offload_jobs",
             "Recent jobs by state",
@@ -1179,6 +1577,30 @@ class Coordinator:
                 for a in online
             },
         )
+        monitors = list(self.monitors.values())
+        yield counter(
+            "edge_offload_monitor_windows",
+            "Windows of monitoring jobs: cut, processed (verdict given), missed (verdict "
+            "after the deadline), failed (no agent could run it), shed (backlog full)",
+            ["job", "outcome"],
+            {
+                (m.job_id, k): m.counts[k]
+                for m in monitors
+                for k in ("windows", "processed", "missed", "failed", "shed")
+            },
+        )
+        yield counter(
+            "edge_offload_monitor_readings_rejected",
+            "Sensor messages skipped as malformed, by job and reason",
+            ["job", "reason"],
+            {(m.job_id, r): n for m in monitors for r, n in list(m.malformed.items())},
+        )
+        yield counter(
+            "edge_offload_alerts",
+            "Alerts published, by kind (anomaly, cleared, and fleet health)",
+            "kind",
+            dict(self.alert_counts),
+        )
         yield counter(
             "edge_offload_agent_completed",
             "Microtasks each agent completed (accepted results)",
@@ -1202,7 +1624,8 @@ class Coordinator:
     def _state_message(self, *, online: bool) -> CoordinatorState:
         now = time.monotonic()
         jobs = []
-        for job in list(self.ledger.jobs.values())[-50:]:
+        listed = [j for j in list(self.ledger.jobs.values())[-100:] if j.on_finish is None]
+        for job in listed[-50:]:
             jobs.append(
                 JobSummary(
                     job_id=job.job_id,
@@ -1225,8 +1648,21 @@ class Coordinator:
             agents_online=len(self.registry.online()),
             jobs=jobs,
             counts=counts,
+            monitors=[m.summary() for m in list(self.monitors.values())],
         )
 
 
 def _tensor_bytes(msg: TaskResult) -> int:
     return sum(len(t.data) for t in msg.outputs.values())
+
+
+def _labels_match(agent: AgentRecord, labels: tuple[tuple[str, str], ...]) -> bool:
+    have = agent.capabilities.labels
+    return all(have.get(k) == v for k, v in labels)
+
+
+def _dispatch_order(job: Job) -> tuple[int, float, int]:
+    """Work with a deadline first, earliest deadline first; then by priority, FIFO."""
+    if job.deadline is not None:
+        return (0, job.deadline, 0)
+    return (1, 0.0, -job.spec.priority)

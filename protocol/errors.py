@@ -18,6 +18,7 @@ ErrorCode = Literal[
     "draining",  # the receiver is shutting down
     "forbidden",  # sender is not allowed to do this
     "rate_limited",  # sender exceeded its message rate
+    "cancelled",  # stopped by its submitter
     "internal",
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from protocol._base import Message, summarize
 from protocol.errors import ErrorCode, JobError, ModelError, ProtocolError
@@ -184,6 +184,10 @@ class RunTask(Envelope):
     # Wall-clock (epoch seconds) after which the coordinator may run the task elsewhere.
     lease_until: NonNeg
     sent_at: NonNeg
+    # Work with a deadline (windows of a monitoring job) runs before batch work an agent
+    # has queued: earliest deadline first (epoch seconds), then higher priority, then FIFO.
+    deadline: NonNeg | None = None
+    priority: int = 0
 
 
 class CancelTask(Envelope):
@@ -292,6 +296,192 @@ class Rejection(Envelope):
     ts: NonNeg
 
 
+# -- monitoring jobs -----------------------------------------------------------------------------
+
+# A JSON path into a sensor's payload: dot-separated object keys and list indices
+# ("value", "data.samples", "channels.0").
+JsonPath = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^.]+(\.[^.]+)*$")]
+# A topic filter of the sensors a monitoring job reads (MQTT wildcards allowed).
+TopicFilter = Annotated[str, Field(min_length=1, max_length=512)]
+Threshold = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ReadingFormat(Message):
+    """How readings are read from a sensor's MQTT message.
+
+    ``json``: the number, or array of numbers, at ``field`` (the whole payload when
+    ``field`` is None); ``text``: the payload is one number in ASCII; ``float32le``,
+    ``float64le``, ``int16le``: the payload is a packed little-endian array.
+    """
+
+    encoding: Literal["json", "text", "float32le", "float64le", "int16le"] = "json"
+    field: JsonPath | None = "value"
+    # Timestamp (seconds) of the message's first value; arrival time at the coordinator
+    # when None or absent. Later values of an array are 1/rate_hz apart.
+    ts_field: JsonPath | None = None
+    rate_hz: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
+    # Which sensor a message belongs to: a JSON field, else a topic level (negative
+    # counts from the end: -1 is the last level).
+    sensor_field: JsonPath | None = None
+    sensor_level: Annotated[int, Field(ge=-64, le=63)] = -1
+    # Values per message: exactly this many when set, at most ``max_values`` otherwise.
+    length: Annotated[int, Field(ge=1, le=65536)] | None = None
+    max_values: Annotated[int, Field(ge=1, le=65536)] = 4096
+
+
+class Verdict(Message):
+    """Turns the model's output for a window into normal / anomalous, per sensor.
+
+    A window is positive when ``outputs[output][index] <op> threshold``. An alert is
+    raised after ``raise_after`` consecutive positive windows (debounce) and cleared after
+    ``clear_after`` consecutive windows that are not positive against ``clear_threshold``
+    (hysteresis; the threshold itself when None).
+    """
+
+    output: Annotated[str, Field(min_length=1, max_length=128)] = "score"
+    index: Annotated[int, Field(ge=0, le=2**20)] = 0
+    op: Literal[">", ">=", "<", "<="] = ">"
+    threshold: Threshold
+    clear_threshold: Threshold | None = None
+    raise_after: Annotated[int, Field(ge=1, le=1000)] = 1
+    clear_after: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+class PlacementRule(Message):
+    """Where a monitoring job's windows may run. Values may use ``{sensor}`` and ``{N}``
+    (level N of the reading's topic, negative from the end), so that, for example,
+    ``{"site": "{1}"}`` keeps each sensor's windows on agents of the sensor's own site."""
+
+    require: Annotated[dict[str, str], Field(max_length=32)] = {}
+    # Agents matching these are chosen when any is available; others otherwise.
+    prefer: Annotated[dict[str, str], Field(max_length=32)] = {}
+
+
+class MonitorJob(Envelope):
+    """A standing job: analyse every window of sensor streams, publish alerts."""
+
+    type: Literal["monitor"] = "monitor"
+    job_id: Id
+    sources: Annotated[list[TopicFilter], Field(min_length=1, max_length=64)]
+    reading: ReadingFormat = ReadingFormat()
+    window: Annotated[int, Field(ge=1, le=65536)]
+    hop: Annotated[int, Field(ge=1, le=2**20)]
+    model: Id
+    # The model input that receives the window (its only input when None); the window is
+    # reshaped to the input's non-batch shape.
+    input: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    verdict: Verdict
+    # Where alerts go; ``{root}/alerts/{job_id}`` when None.
+    alert_topic: TopicFilter | None = None
+    # From the arrival of a window's last reading to its verdict.
+    deadline_ms: Annotated[float, Field(gt=0, le=3.6e6, allow_inf_nan=False)] = 1000.0
+    placement: PlacementRule = PlacementRule()
+    policy: Literal["earliest_finish", "least_loaded", "round_robin"] | None = None
+    client_id: Id | None = None
+    max_sensors: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+
+
+class StopJob(Envelope):
+    """Stop a monitoring job, or cancel an inference job (only its submitter may)."""
+
+    type: Literal["stop"] = "stop"
+    job_id: Id
+    client_id: Id | None = None
+
+
+class MonitorStats(Message):
+    """What a monitoring job has done since it started (in this coordinator's life)."""
+
+    sensors: Count = 0
+    readings: Count = 0  # values taken from sensor messages
+    messages: Count = 0
+    malformed: dict[str, Count] = {}  # messages skipped, by reason
+    windows: Count = 0  # windows cut
+    processed: Count = 0  # windows with a verdict
+    missed: Count = 0  # windows whose verdict came after their deadline (still processed)
+    failed: Count = 0  # windows no agent could run (every attempt failed)
+    shed: Count = 0  # windows refused because the backlog was full
+    positive: Count = 0
+    alerts: Count = 0
+    cleared: Count = 0
+    alarming: Count = 0  # sensors in the alert state now
+    per_agent: dict[str, Count] = {}
+    latency_ms_p50: NonNeg | None = None  # window complete -> verdict, recent windows
+    latency_ms_p99: NonNeg | None = None
+    alert_latency_ms_p50: NonNeg | None = None  # window complete -> alert published
+    alert_latency_ms_p99: NonNeg | None = None
+
+
+MonitorState = Literal["running", "stopped", "failed"]
+
+
+class MonitorStatus(Envelope):
+    """Retained on ``jobs/{id}/status`` of a monitoring job, refreshed while it runs."""
+
+    type: Literal["monitor_status"] = "monitor_status"
+    job_id: Id
+    state: MonitorState
+    model: str
+    sources: list[str]
+    alert_topic: str
+    started: NonNeg  # epoch seconds
+    ts: NonNeg
+    stats: MonitorStats = MonitorStats()
+    # The most recent bad reading or window failure, so the owner can see what is wrong.
+    last_error: Annotated[str, Field(max_length=2000)] | None = None
+    error: ErrorInfo | None = None
+
+
+AlertKind = Literal[
+    "anomaly",  # a monitoring job's verdict turned positive for a sensor
+    "cleared",  # ... and back to normal
+    "agent_suspect",  # fleet health (on {root}/alerts/fleet)
+    "agent_dead",
+    "agent_left",  # drained and said goodbye
+    "agent_hot",
+    "agent_overloaded",
+    "agent_recovered",
+]
+
+
+class Alert(Envelope):
+    """On a monitoring job's alert topic, and fleet health on ``{root}/alerts/fleet``."""
+
+    type: Literal["alert"] = "alert"
+    kind: AlertKind
+    job_id: str | None = None
+    sensor: str | None = None
+    # The agent that ran the window (anomaly), or the agent the alert is about (health).
+    agent_id: str | None = None
+    # The window: timestamps of its first and last reading (the readings' own clock when
+    # the payload carries one, else the coordinator's arrival time).
+    window_start: float | None = None
+    window_end: float | None = None
+    # When the anomaly started: the first window of the positive streak.
+    since: float | None = None
+    score: float | None = None
+    threshold: float | None = None
+    # From the arrival of the window's last reading to this alert's publication.
+    latency_ms: NonNeg | None = None
+    late: bool = False
+    message: Annotated[str, Field(max_length=2000)] = ""
+    ts: NonNeg
+
+
+class MonitorSummary(Message):
+    job_id: str
+    state: MonitorState
+    model: str
+    sources: list[str]
+    sensors: Count
+    windows: Count
+    processed: Count
+    missed: Count
+    alerts: Count
+    alarming: Count
+    client_id: str | None = None
+
+
 # -- parsing helpers -----------------------------------------------------------------------------
 
 _task_adapter: TypeAdapter[RunTask | CancelTask] = TypeAdapter(TaskMessage)
@@ -307,6 +497,42 @@ def parse_task(payload: bytes) -> RunTask | CancelTask:
         return _task_adapter.validate_json(payload)
     except ValidationError as e:
         raise ProtocolError(f"invalid task message: {summarize(e)}", code="malformed") from None
+
+
+def _submission_type(value: Any) -> str:
+    """A job message without ``type`` is an inference job (as before monitoring existed)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "inference")
+        return kind if isinstance(kind, str) else ""
+    return str(getattr(value, "type", ""))
+
+
+# What a client publishes on ``jobs/submit[/<identity>]``.
+Submission = Annotated[
+    Annotated[InferenceJob, Tag("inference")]
+    | Annotated[MonitorJob, Tag("monitor")]
+    | Annotated[StopJob, Tag("stop")],
+    Discriminator(
+        _submission_type,
+        custom_error_type="unknown_type",
+        custom_error_message="type must be 'inference', 'monitor' or 'stop'",
+    ),
+]
+_submission_adapter: TypeAdapter[InferenceJob | MonitorJob | StopJob] = TypeAdapter(Submission)
+
+
+def parse_submission(payload: bytes) -> InferenceJob | MonitorJob | StopJob:
+    """Parse a message from a submit topic (JSON or a binary frame)."""
+    from protocol.codec import is_binary, unframe
+
+    try:
+        if is_binary(payload):
+            return _submission_adapter.validate_python(unframe(payload), strict=True)
+        return _submission_adapter.validate_json(payload, strict=True)
+    except ValidationError as e:
+        raise ProtocolError(f"invalid job: {summarize(e)}", code="malformed") from None
+    except RecursionError:
+        raise ProtocolError("job message nests too deeply", code="malformed") from None
 
 
 class JobSummary(Message):
@@ -333,6 +559,7 @@ class CoordinatorState(Envelope):
     # Since start: microtasks dispatched, completed, retried, adopted (taken over after a
     # restart), renewed leases, and rejected messages by reason (``rejected_<reason>``).
     counts: dict[str, Count] = {}
+    monitors: list[MonitorSummary] = []
 
 
 ALL_MESSAGES: tuple[type[Envelope], ...] = (
@@ -346,6 +573,10 @@ ALL_MESSAGES: tuple[type[Envelope], ...] = (
     JobResult,
     Rejection,
     CoordinatorState,
+    MonitorJob,
+    StopJob,
+    MonitorStatus,
+    Alert,
 )
 
 

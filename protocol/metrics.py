@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 60)
 
 
-def counter(name: str, doc: str, label: str, values: Mapping[str, float]) -> Metric:
-    family = CounterMetricFamily(name, doc, labels=[label])
+def counter(name: str, doc: str, label: str | Sequence[str], values: Mapping[Any, float]) -> Metric:
+    """A counter per label value (``label`` a name), or per tuple of values (label names)."""
+    labels = [label] if isinstance(label, str) else list(label)
+    family = CounterMetricFamily(name, doc, labels=labels)
     for key, value in sorted(values.items()):
-        family.add_metric([key], value)
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
     return family
 
 

@@ -116,4 +116,15 @@ class Topics:
         return f"{self.root}/coordinator/state"
 
     def alerts(self, job_id: str) -> str:
+        """Alerts of a monitoring job (unless its spec names another topic)."""
         return f"{self.root}/alerts/{job_id}"
+
+    @property
+    def fleet_alerts(self) -> str:
+        """Fleet health alerts (agents suspect, dead, hot, overloaded, recovered); no job
+        may be called ``fleet``."""
+        return f"{self.root}/alerts/fleet"
+
+    @property
+    def all_alerts(self) -> str:
+        return f"{self.root}/alerts/#"

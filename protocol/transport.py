@@ -375,7 +375,7 @@ class Link:
                 async with client:
                     self._client = client
                     self._fast = FastPath(client, self._dispatch)
-                    for topic, qos in self.subscriptions:
+                    for topic, qos in list(self.subscriptions):
                         await client.subscribe(topic, qos=qos)
                     self.connections += 1
                     delay = self._backoff[0]
@@ -409,6 +409,18 @@ class Link:
                 self._client = None
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self._backoff[1])
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add a subscription: now if connected, and on every later (re)connection."""
+        if (topic, qos) not in self.subscriptions:
+            self.subscriptions.append((topic, qos))
+        if self._client is not None:  # connected, or subscribing in run() right now
+            await self._client.subscribe(topic, qos=qos)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        if self._client is not None:
+            await self._client.unsubscribe(topic)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
