@@ -166,7 +166,9 @@ class Job:
 
     @property
     def samples(self) -> int:
-        return self.tasks[-1].stop if self.tasks else 0
+        # The last unit's end: copies added later (stragglers, redundancy) sit at the end
+        # of ``tasks`` but may cover any unit.
+        return self.units[-1][0].stop if self.units else 0
 
     @property
     def redundancy(self) -> int:

@@ -207,6 +207,7 @@ def test_a_speculative_copy_that_finishes_first_wins_and_the_straggler_is_cancel
     assert ledger.complete(copy, fast, y(3.0), {"slow": slow, "fast": fast}) == [straggler]
     assert straggler.state is TaskState.CANCELLED and slow.in_flight == {}
     assert j.done == 1 and j.per_agent == {"fast": 2}
+    assert j.samples == 4  # the copy of unit 0, last in the task list, does not hide unit 1
 
 
 def test_copies_added_after_a_restart_never_reuse_an_earlier_copy_id(tmp_path: Path) -> None:
