@@ -8,18 +8,38 @@ import contextlib
 import gc
 import json
 import logging
+import math
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import numpy as np
 
 from coordinator import cli_monitor
-from protocol import BrokerAddress, JobError, JobStatus, OffloadError, json_schemas
+from protocol import (
+    DEFAULT_ROOT,
+    AgentState,
+    BrokerAddress,
+    Capabilities,
+    CoordinatorState,
+    Heartbeat,
+    JobError,
+    JobStatus,
+    JobSummary,
+    OffloadError,
+    ProtocolError,
+    Topics,
+    check_id,
+    json_schemas,
+)
+from protocol.transport import Link, cancel_and_wait
 
 # Exit codes
 EXIT_OK = 0
@@ -159,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite file: jobs submitted over MQTT survive a coordinator restart",
     )
     sp.add_argument(
+        "--trace-dir",
+        metavar="DIR",
+        help="write each job's trace here, for `edge-offload report` (default: traces/ "
+        'beside the journal, if any; "none": no traces)',
+    )
+    sp.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
@@ -200,12 +226,53 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--all", action="store_true", help="include offline agents")
+    sp.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live fleet table (load, running/slots, models) from births and heartbeats",
+    )
+    sp.add_argument("--interval", type=float, default=1.0, help="--watch: seconds per refresh")
+    sp.add_argument("--count", type=int, metavar="N", help="--watch: stop after N refreshes")
     sp.set_defaults(func=cmd_agents)
 
-    sp = sub.add_parser("jobs", help="list the coordinator's recent jobs")
+    sp = sub.add_parser(
+        "jobs", help="list the coordinator's recent jobs; `jobs watch [JOB]`: follow one"
+    )
     common(sp)
+    sp.add_argument(
+        "action",
+        nargs="?",
+        choices=["watch"],
+        help="watch: a live progress bar of JOB (default: the newest unfinished job)",
+    )
+    sp.add_argument("job", nargs="?", help="with watch: the job id")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_jobs)
+
+    sp = sub.add_parser(
+        "report", help="a job's performance report from its trace: table, JSON, PNG chart"
+    )
+    sp.add_argument("job", nargs="?", help="job id (reads {trace dir}/{job}.json)")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument(
+        "--trace-dir",
+        type=Path,
+        metavar="DIR",
+        help="the coordinator's trace directory (default: its trace_dir from --config or "
+        "the environment, e.g. traces/ beside its journal)",
+    )
+    where.add_argument("--trace", type=Path, metavar="FILE", help="a trace file")
+    sp.add_argument("--config", type=Path, help="the coordinator's TOML file (for trace_dir)")
+    sp.add_argument(
+        "--png",
+        type=Path,
+        metavar="PATH",
+        help="write a Gantt chart and a utilisation plot (needs the plot extra: matplotlib)",
+    )
+    sp.add_argument(
+        "--json", type=Path, metavar="PATH", help="write the report as JSON ('-': print it)"
+    )
+    sp.set_defaults(func=cmd_report)
 
     cli_monitor.add_parsers(sub, common)
 
@@ -378,6 +445,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "target_task_ms": args.target_task_ms,
         "journal": args.journal,
+        "trace_dir": args.trace_dir,
         "metrics_port": args.metrics_port,
         **_root(args),
     }
@@ -411,33 +479,102 @@ def save_outputs(path: Path, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr, fed by job status messages."""
+    """A progress bar of a job on stderr: samples done, throughput and ETA.
 
-    def __init__(self, label: str, *, stream: Any = sys.stderr) -> None:
+    Fed by job status messages (:meth:`update`) or counts (:meth:`set`). On a terminal it
+    redraws one line in place; elsewhere (a pipe, a log) it prints a line at most every
+    ``interval`` seconds, and the last one. Throughput is over the last ``window_s``
+    seconds; a watch that starts mid-job (``from_zero=False``) shows it from the second
+    message on.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        stream: Any = sys.stderr,
+        tty: bool | None = None,
+        interval: float = 1.0,
+        window_s: float = 10.0,
+        from_zero: bool = True,
+    ) -> None:
         self.label = label
         self.stream = stream
+        self.tty = _isatty(stream) if tty is None else tty
+        self.interval = interval
+        self.window_s = window_s
         self.start = time.monotonic()
         self.done = 0
         self.total = 0
+        self._points: deque[tuple[float, int]] = deque()
+        if from_zero:
+            self._points.append((self.start, 0))
+        self._first = self._points[0] if self._points else None
+        self._last_line = -math.inf
+        self._drawn = 0  # characters on the terminal line
 
     def update(self, status: JobStatus) -> None:
-        self.done, self.total = status.samples_done, status.samples_total
+        self.set(status.samples_done, status.samples_total)
+
+    def set(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        self.done, self.total = done, total
+        self._points.append((now, done))
+        if self._first is None:
+            self._first = (now, done)
+        while len(self._points) > 2 and now - self._points[0][0] > self.window_s:
+            self._points.popleft()
         self.draw()
+
+    def rate(self, *, overall: bool = False) -> float | None:
+        """Samples per second, recently (or since the first count); None until known."""
+        first = self._first if overall else (self._points[0] if self._points else None)
+        if first is None:
+            return None
+        t0, done0 = first
+        t1, done1 = (time.monotonic(), self.done) if overall else self._points[-1]
+        if t1 <= t0 or (overall and done1 <= done0):  # nothing seen happening
+            return None
+        return (done1 - done0) / (t1 - t0)
 
     def draw(self, final: bool = False) -> None:
         if not self.total:
             return
-        frac = self.done / self.total
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = f"{(self.total - self.done) / rate:.1f}s" if rate > 0 and not final else "-"
-        bar = "#" * int(frac * 30)
-        self.stream.write(
-            f"\r{self.label} [{bar:<30}] {self.done}/{self.total} samples {rate:,.0f}/s ETA {eta}  "
-        )
-        if final:
-            self.stream.write("\n")
+        now = time.monotonic()
+        if not final and not self.tty and now - self._last_line < self.interval:
+            return
+        self._last_line = now
+        rate = self.rate(overall=final)
+        remaining = self.total - self.done
+        if final or remaining <= 0:
+            eta = "-"
+        elif rate:
+            eta = f"{remaining / rate:.1f}s"
+        else:
+            eta = "?"
+        speed = "-" if rate is None else f"{rate:,.0f}"
+        bar = "#" * int(min(self.done / self.total, 1.0) * 30)
+        line = f"{self.label} [{bar:<30}] {self.done}/{self.total} samples {speed}/s ETA {eta}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._drawn))
+            self._drawn = 0 if final else len(line)
+            if final:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line (after an interruption) so the next output starts afresh."""
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = 0
+
+
+def _isatty(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty()) if callable(isatty) else False
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -463,8 +600,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 tolerance=args.tolerance,
             )
             try:
-                out = await handle.result(args.timeout)
+                if progress is None:
+                    out = await handle.result(args.timeout)
+                elif (watched := await _interruptible(handle.result(args.timeout))) is None:
+                    progress.close()
+                    print(
+                        f"stopped watching; job {handle.job_id} goes on "
+                        f"(edge-offload jobs watch {handle.job_id})",
+                        file=sys.stderr,
+                    )
+                    return EXIT_INTERRUPTED
+                else:
+                    out = watched
             except JobError as e:
+                if progress:
+                    progress.close()
                 print(f"job {handle.job_id} failed: {e}", file=sys.stderr)
                 return EXIT_FAILED
             if progress:
@@ -489,6 +639,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_agents(args: argparse.Namespace) -> int:
     from coordinator.client import OffloadClient
+
+    if args.watch:
+        return _run_client(_watch_agents(args))
 
     async def run() -> int:
         async with OffloadClient(_address(args), **_root(args)) as client:
@@ -523,6 +676,12 @@ def cmd_agents(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from coordinator.client import OffloadClient
 
+    if args.action == "watch":
+        return _run_client(_watch_job(args))
+    if args.job is not None:
+        print("error: a job id goes with `jobs watch JOB`", file=sys.stderr)
+        return EXIT_USAGE
+
     async def run() -> int:
         async with OffloadClient(_address(args), **_root(args)) as client:
             try:
@@ -550,6 +709,379 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run_client(run())
+
+
+# -- live views and reports ----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+# A watch gives up when the coordinator's retained state does not arrive in this long...
+STATE_WAIT_S = 3.0
+# ... or when neither that state nor a status message names the job in this long.
+UNKNOWN_JOB_S = 5.0
+# An agent not heard from in this long shows as silent (the coordinator's suspect_after_s).
+SILENT_AFTER_S = 6.0
+
+
+async def _interruptible(aw: Awaitable[T]) -> T | None:
+    """Await ``aw``; SIGINT or SIGTERM (Ctrl-C) cancels it instead, and gives None."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+@contextlib.asynccontextmanager
+async def _listening(
+    args: argparse.Namespace,
+    subscriptions: list[tuple[str, int]],
+    on_message: Callable[[str, bytes], None],
+) -> AsyncIterator[Link]:
+    """A read-only MQTT session feeding ``on_message``; after the first connection, it
+    reconnects by itself."""
+    address = _address(args)
+    link = Link(
+        address=address,
+        client_id=address.username or f"watch-{uuid.uuid4().hex[:12]}",
+        subscriptions=subscriptions,
+        on_message=on_message,
+    )
+    runner = asyncio.create_task(link.run(raise_first=True), name="watch-link")
+    connected = asyncio.ensure_future(link.connected.wait())
+    try:
+        await asyncio.wait([runner, connected], return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            runner.result()  # raises the connection error
+            raise aiomqtt.MqttError("the connection ended before it was established")
+        yield link
+    finally:
+        connected.cancel()
+        await cancel_and_wait([runner])
+
+
+class _JobFeed:
+    """The coordinator's retained state and one job's status messages, as they arrive."""
+
+    def __init__(self, topics: Topics, job_id: str | None) -> None:
+        self.topics = topics
+        self.job_id = job_id
+        self.state: CoordinatorState | None = None
+        self.status: JobStatus | None = None
+        self.fresh_state = self.fresh_status = False
+        self.changed = asyncio.Event()
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            if topic == self.topics.coordinator:
+                self.state = CoordinatorState.from_json(payload)
+                self.fresh_state = True
+            elif self.job_id is not None and topic == self.topics.status(self.job_id):
+                status = JobStatus.from_json(payload)
+                if status.job_id != self.job_id:
+                    return
+                self.status = status
+                self.fresh_status = True
+            else:
+                return
+        except ProtocolError as e:
+            logger.warning("ignored message on %s: %s", topic, e)
+            return
+        self.changed.set()
+
+    def summary(self) -> JobSummary | None:
+        if self.state is None or self.job_id is None:
+            return None
+        return next((j for j in self.state.jobs if j.job_id == self.job_id), None)
+
+
+async def _watch_job(args: argparse.Namespace) -> int:
+    topics = Topics(args.root or DEFAULT_ROOT)
+    subscriptions = [(topics.coordinator, 1)]
+    if args.job is not None:
+        try:
+            subscriptions.append((topics.status(check_id(args.job, "job id")), 0))
+        except ProtocolError as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return EXIT_USAGE
+    feed = _JobFeed(topics, args.job)
+    async with _listening(args, subscriptions, feed.on_message) as link:
+        code = await _interruptible(_follow_job(feed, link))
+    if code is None:
+        print(f"stopped watching job {feed.job_id or '(none yet)'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
+
+
+async def _follow_job(feed: _JobFeed, link: Link) -> int:
+    """Draw the job's progress until it ends; its exit code."""
+    started = time.monotonic()
+    progress: Progress | None = None
+    said_waiting = False
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.changed.wait(), 0.5)
+            feed.changed.clear()
+            fresh_state, fresh_status = feed.fresh_state, feed.fresh_status
+            feed.fresh_state = feed.fresh_status = False
+            waited = time.monotonic() - started
+            if feed.state is None and feed.status is None:
+                if waited > STATE_WAIT_S:
+                    print(
+                        "error: no coordinator state on the broker (is a coordinator running?)",
+                        file=sys.stderr,
+                    )
+                    return EXIT_UNAVAILABLE
+                continue
+            if feed.job_id is None:
+                assert feed.state is not None
+                running = [j for j in feed.state.jobs if j.state in ("accepted", "running")]
+                if not running:
+                    if not said_waiting:
+                        print(
+                            "no unfinished job; waiting for one (Ctrl-C to stop)", file=sys.stderr
+                        )
+                        said_waiting = True
+                    continue
+                feed.job_id = running[-1].job_id
+                topic = feed.topics.status(feed.job_id)
+                link.subscriptions.append((topic, 0))  # also after a reconnection
+                await link.client.subscribe(topic, qos=0)
+                fresh_state = True
+            summary, status = feed.summary(), feed.status
+            if summary is None and status is None:
+                if waited > UNKNOWN_JOB_S:
+                    print(
+                        f"error: job {feed.job_id} is not among the coordinator's recent jobs",
+                        file=sys.stderr,
+                    )
+                    return EXIT_FAILED
+                continue
+            if progress is None:
+                progress = Progress(feed.job_id, from_zero=False)
+            final = summary if summary is not None and summary.state in ("done", "failed") else None
+            ended = final is not None or (status is not None and status.state in ("done", "failed"))
+            if fresh_status and status is not None:
+                if ended:
+                    progress.done, progress.total = status.samples_done, status.samples_total
+                else:
+                    progress.update(status)
+            elif fresh_state and status is None and summary is not None and summary.tasks_total:
+                # No status messages (yet, or a broker ACL withholds them): count microtasks.
+                done = summary.samples * summary.tasks_done // summary.tasks_total
+                if ended:
+                    progress.done, progress.total = done, summary.samples
+                else:
+                    progress.set(done, summary.samples)
+            if not ended:
+                continue
+            ok = (final.state if final is not None else status.state if status else "") == "done"
+            if ok:
+                progress.done = progress.total = max(
+                    progress.total, summary.samples if summary else 0
+                )
+            progress.draw(final=True)
+            progress = None
+            print(_job_line(feed.job_id, final, status))
+            return EXIT_OK if ok else EXIT_FAILED
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _job_line(job_id: str, summary: JobSummary | None, status: JobStatus | None) -> str:
+    if summary is not None:
+        line = (
+            f"job {job_id} {summary.state}: {summary.samples} samples in {summary.tasks_total} "
+            f"microtasks, {summary.elapsed_s:.3f}s, {summary.retries} retries"
+        )
+        error = summary.error
+    else:
+        assert status is not None
+        line = f"job {job_id} {status.state}: " + (
+            f"{status.samples_total} samples in {status.tasks_total} microtasks"
+            if status.state == "done"
+            else f"{status.samples_done}/{status.samples_total} samples and "
+            f"{status.tasks_done}/{status.tasks_total} microtasks done"
+        )
+        error = status.error
+    return line + (f": {error.message}" if error is not None else "")
+
+
+class _FleetFeed:
+    """The agents' births, deaths and heartbeats, as they arrive."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self.states: dict[str, AgentState] = {}
+        self.capabilities: dict[str, Capabilities] = {}
+        self.beats: dict[str, tuple[float, Heartbeat]] = {}
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            agent_id, channel = self.topics.parse_agent(topic)
+            if channel == "state":
+                state = AgentState.from_json(payload)
+                known = self.states.get(agent_id)
+                if state.agent_id == agent_id and (known is None or state.seq >= known.seq):
+                    self.states[agent_id] = state
+                    if state.capabilities is not None:
+                        self.capabilities[agent_id] = state.capabilities
+            elif channel == "heartbeat":
+                hb = Heartbeat.from_json(payload)
+                if hb.agent_id == agent_id:
+                    self.beats[agent_id] = (time.monotonic(), hb)
+        except ProtocolError as e:
+            logger.debug("ignored message on %s: %s", topic, e)
+
+    def table(self, *, include_offline: bool, width: int | None = None) -> list[str]:
+        """One frame: a summary line, a header, a line per agent."""
+        now = time.monotonic()
+        rows, online, busy, slots = [], 0, 0, 0
+        for agent_id in sorted(self.states):
+            state = self.states[agent_id]
+            caps = self.capabilities.get(agent_id)
+            heard, hb = self.beats.get(agent_id, (None, None))
+            if state.online:
+                if heard is not None and now - heard > SILENT_AFTER_S:
+                    what = "silent"
+                else:
+                    what = "draining" if hb is not None and hb.draining else "online"
+            elif include_offline:
+                what = "offline"
+            else:
+                continue
+            n_slots = hb.slots if hb is not None else caps.slots if caps is not None else 0
+            if state.online:
+                online += 1
+                slots += n_slots
+                busy += hb.running if hb is not None else 0
+            models = ", ".join(m.id for m in caps.models) if caps is not None else "-"
+            rows.append(
+                f"{agent_id:<20} {what:<8} "
+                + (
+                    f"{hb.cpu_percent:>4.0f}% {f'{hb.running}/{n_slots}':>9} {hb.queued:>6} "
+                    f"{hb.completed:>8} {now - heard:>5.1f}s "
+                    if hb is not None and heard is not None
+                    else f"{'-':>5} {f'-/{n_slots}':>9} {'-':>6} {'-':>8} {'-':>6} "
+                )
+                + models
+            )
+        lines = [
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {online} agents online, "
+            f"{busy}/{slots} slots busy",
+            f"{'AGENT':<20} {'STATE':<8} {'LOAD':>5} {'RUN/SLOTS':>9} {'QUEUED':>6} "
+            f"{'DONE':>8} {'HEARD':>6} MODELS",
+            *rows,
+        ]
+        return [line[:width] for line in lines] if width else lines
+
+
+async def _watch_agents(args: argparse.Namespace) -> int:
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        print("error: --interval must be > 0 and --count >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    topics = Topics(args.root or DEFAULT_ROOT)
+    feed = _FleetFeed(topics)
+    subscriptions = [(topics.all_agents("state"), 1), (topics.all_agents("heartbeat"), 0)]
+    async with _listening(args, subscriptions, feed.on_message):
+        await _interruptible(_refresh_fleet(feed, args, sys.stdout))
+    return EXIT_OK
+
+
+async def _refresh_fleet(feed: _FleetFeed, args: argparse.Namespace, out: Any) -> None:
+    """Redraw the table in place on a terminal; elsewhere, print a frame per refresh."""
+    tty = _isatty(out)
+    await asyncio.sleep(min(args.interval, 0.5))  # the retained births arrive first
+    height = frames = 0
+    while True:
+        width = shutil.get_terminal_size().columns - 1 if tty else None
+        lines = feed.table(include_offline=args.all, width=width)
+        if tty:
+            # Back to the top of the last frame, and clear it, before drawing this one.
+            out.write((f"\x1b[{height}F" if height else "") + "\x1b[J")
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        height = len(lines)
+        frames += 1
+        if args.count is not None and frames >= args.count:
+            return
+        await asyncio.sleep(args.interval)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.report import build_report, format_report, plot, to_json
+    from coordinator.trace import JobTrace, TraceError, trace_path
+
+    path: Path | None = args.trace
+    if path is None:
+        if args.job is None:
+            print("error: name a JOB, or a trace file with --trace FILE", file=sys.stderr)
+            return EXIT_USAGE
+        directory = args.trace_dir
+        if directory is None:
+            try:
+                directory = CoordinatorConfig.load(args.config).trace_dir
+            except (OSError, ValueError, TypeError) as e:
+                print(f"error: cannot read the coordinator's configuration: {e}", file=sys.stderr)
+                return EXIT_USAGE
+        if directory is None:
+            print(
+                "error: no trace directory: pass --trace-dir DIR or --trace FILE (a coordinator "
+                "writes traces with --trace-dir DIR, or to traces/ beside its --journal)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        try:
+            path = trace_path(directory, args.job)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        trace = JobTrace.load(path)
+    except TraceError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    report = build_report(trace)
+    to_stdout = args.json is not None and str(args.json) == "-"
+    print(to_json(report) if to_stdout else format_report(report), end="")
+    try:
+        if args.json is not None and not to_stdout:
+            args.json.write_text(to_json(report))
+            print(f"report written to {args.json}", file=sys.stderr)
+        if args.png is not None:
+            plot(trace, args.png, report)
+            print(f"chart written to {args.png}", file=sys.stderr)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -15,6 +15,14 @@ ENV_PREFIX = "EDGE_OFFLOAD_COORDINATOR_"
 
 PolicyName = Literal["earliest_finish", "least_loaded", "round_robin"]
 
+# Stands for "default_trace_dir(journal)" until __post_init__ knows the journal.
+_BESIDE_JOURNAL = Path("<beside the journal>")
+
+
+def default_trace_dir(journal: Path | None) -> Path | None:
+    """``traces/`` beside the journal file, or None without a journal."""
+    return journal.parent / "traces" if journal is not None else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class CoordinatorConfig:
@@ -75,6 +83,9 @@ class CoordinatorConfig:
     # SQLite journal of jobs submitted over MQTT: a restarted coordinator resumes them.
     # None keeps jobs in memory only.
     journal: Path | None = None
+    # Per-job traces ({trace_dir}/{job_id}.json, read by `edge-offload report`). By
+    # default a "traces" directory beside the journal; None (or "none") writes none.
+    trace_dir: Path | None = _BESIDE_JOURNAL
     status_interval_s: float = 0.5
     # Prometheus metrics at http://{metrics_host}:{metrics_port}/metrics (None: off; 0: any
     # free port, see Coordinator.metrics_port).
@@ -100,7 +111,18 @@ class CoordinatorConfig:
             return self.client_id
         return "coordinator" if self.root == DEFAULT_ROOT else f"coordinator:{self.root}"
 
+    def __post_init__(self) -> None:
+        if self.trace_dir is _BESIDE_JOURNAL:
+            object.__setattr__(self, "trace_dir", default_trace_dir(self.journal))
+
     def with_(self, **changes: Any) -> CoordinatorConfig:
+        # A new journal brings its own default trace directory.
+        if (
+            "journal" in changes
+            and "trace_dir" not in changes
+            and self.trace_dir == default_trace_dir(self.journal)
+        ):
+            changes["trace_dir"] = _BESIDE_JOURNAL
         return replace(self, **changes)
 
     @classmethod
@@ -121,6 +143,10 @@ class CoordinatorConfig:
         values["broker"] = broker_from_setting(values.get("broker"))
         if isinstance(values.get("journal"), str):
             values["journal"] = Path(values["journal"])
+        if isinstance(values.get("trace_dir"), str):
+            # TOML has no null: an empty value or "none" turns traces off.
+            text = values["trace_dir"].strip()
+            values["trace_dir"] = None if text.lower() in ("", "none") else Path(text)
         for name, value in list(values.items()):
             fld = names.get(name)
             if fld is None or not isinstance(value, str):

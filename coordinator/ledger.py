@@ -10,7 +10,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from coordinator.handles import JobOutput
 from coordinator.journal import Journal, Recovered
 from coordinator.registry import AgentRecord
 from protocol import ErrorInfo, InferenceJob, JobState, RunTask, Tensor, TensorSpec
+
+if TYPE_CHECKING:
+    from coordinator.trace import JobTrace
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +162,8 @@ class Job:
     # Internal jobs (monitoring windows) report here instead of to a submitter; they are
     # not journaled, listed or kept once finished.
     on_finish: Callable[[Job], None] | None = None
+    # Where and when each microtask ran (coordinator.trace), for per-job reports.
+    trace: JobTrace | None = None
 
     @property
     def job_id(self) -> str:

@@ -27,6 +27,7 @@ from coordinator.monitor import Monitor, Outcome, Window
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, Registry
+from coordinator.trace import JobTrace
 from protocol import (
     AgentShare,
     AgentState,
@@ -417,6 +418,8 @@ class Coordinator:
                 self._retry(task, agent, "bad_result", e.message)
             else:
                 self._observe(agent, task, msg)
+                if job.trace is not None:
+                    job.trace.result(task, agent, msg.queued_ms, msg.exec_ms)
                 self._latency.observe(time.monotonic() - task.dispatched_at)
                 cancelled = self.ledger.complete(
                     task,
@@ -622,6 +625,7 @@ class Coordinator:
             output_specs={o.name: o for o in info.outputs},
         )
         job.split()
+        job.trace = JobTrace.for_job(job)
         self.ledger.add(job)
         self._jobs_order.append(job.job_id)
         self._forget_old_jobs()
@@ -1259,6 +1263,8 @@ class Coordinator:
         count_attempt: bool = True,
     ) -> None:
         job = task.job
+        if job.trace is not None and task.state is TaskState.RUNNING:
+            job.trace.failure(task, agent, code, message)
         requeued = self.ledger.retry(task, agent, code, message, count_attempt=count_attempt)
         if not requeued and job.error is not None and not job.terminal:
             self._finish(job)
@@ -1357,6 +1363,10 @@ class Coordinator:
             if job.client_id is not None:
                 self._publish(self.topics.replies(job.client_id), payload)
             self._publish_status(job)
+        if job.trace is not None:
+            job.trace.finish(job)
+            if self.config.trace_dir is not None:
+                job.trace.write_to(self.config.trace_dir)
         # Inputs and per-microtask outputs are no longer needed; the summary stays.
         job.arrays = {}
         job.outputs = []

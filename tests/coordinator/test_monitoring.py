@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from protocol import (
     Topics,
 )
 from tests.agent.test_agent import raw_client
-from tests.conftest import MODELS, REPO, wait_until
+from tests.conftest import MODELS, cli, wait_until
 
 MODEL = "vibration-anomaly"
 THRESHOLD = next(
@@ -343,19 +342,6 @@ async def test_monitor_from_the_command_line(
     await agent_factory(mosquitto_address, "a0")
     await coord.wait_for_agents(1)
     conn = ["--broker", mosquitto_address.url, "--root", root]
-
-    async def cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "coordinator.cli",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=REPO,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        return proc.returncode or 0, out.decode(), err.decode()
 
     prefix = f"cli-{root[-6:]}"
     rc, out, err = await cli(
