@@ -290,17 +290,36 @@ def build_parser() -> argparse.ArgumentParser:
 # -- logging -------------------------------------------------------------------------------------
 
 
+# Ids a log call may attach (``extra=``); --log-json writes them as fields of their own,
+# so a log pipeline can select every line of a job, a microtask or an agent.
+LOG_FIELDS = ("job_id", "task_id", "attempt", "agent_id", "tasks", "reason")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "ts": round(record.created, 6),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for name in LOG_FIELDS:
+            if (value := getattr(record, name, None)) is not None:
+                out[name] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
+
+
+class _AgentIdFilter(logging.Filter):
+    def __init__(self, agent_id: str) -> None:
+        super().__init__()
+        self.agent_id = agent_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "agent_id", None) is None:
+            record.agent_id = self.agent_id
+        return True
 
 
 def setup_logging(level: str, *, json_logs: bool = False) -> None:
@@ -430,6 +449,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if _broker_args_given(args):  # else the config file's broker, or the environment's
         overrides["broker"] = _address(args)
     config = AgentConfig.load(args.config, **overrides)
+    # Every line of an agent's log is about that agent.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_AgentIdFilter(config.agent_id))
 
     async def drain(agent: Agent) -> None:
         await agent.drain()

@@ -227,6 +227,7 @@ class Coordinator:
                 job.job_id,
                 job.done,
                 len(job.units),
+                extra=_log_ids(job_id=job.job_id),
             )
         for monitor_spec, started in self.journal.running_monitors():
             try:
@@ -291,7 +292,13 @@ class Coordinator:
             return
         if len(payload) > self.config.max_payload_bytes:
             self.rejected["too_large"] += 1
-            logger.warning("dropped %d-byte %s message from %s", len(payload), channel, agent_id)
+            logger.warning(
+                "dropped %d-byte %s message from %s",
+                len(payload),
+                channel,
+                agent_id,
+                extra=_log_ids(agent_id=agent_id),
+            )
             return
         if channel == "results":
             if (result := self._parse(TaskResult, agent_id, payload, "result")) is not None:
@@ -334,6 +341,7 @@ class Coordinator:
                 msg.seq,
                 rec.slots if rec else 0,
                 sorted(rec.models) if rec else [],
+                extra=_log_ids(agent_id=agent_id),
             )
             if what == "reborn" and rec is not None and rec.in_flight:
                 # A new session: what the agent no longer holds is gone; what it holds
@@ -348,7 +356,12 @@ class Coordinator:
             self._state_dirty = True
             self._kick()
         elif what == "died" and rec is not None:
-            logger.warning("agent %s offline (%s)", agent_id, msg.reason or "death message")
+            logger.warning(
+                "agent %s offline (%s)",
+                agent_id,
+                msg.reason or "death message",
+                extra=_log_ids(agent_id=agent_id),
+            )
             self._requeue_agent(rec, f"agent offline: {msg.reason or 'death'}")
             self._state_dirty = True
 
@@ -497,7 +510,13 @@ class Coordinator:
 
     def _count_reject(self, reason: str, agent_id: str, detail: object) -> None:
         self.rejected[reason] += 1
-        logger.warning("rejected %s from %s: %s", reason.replace("_", " "), agent_id, detail)
+        logger.warning(
+            "rejected %s from %s: %s",
+            reason.replace("_", " "),
+            agent_id,
+            detail,
+            extra=_log_ids(agent_id=agent_id, reason=reason),
+        )
 
     # -- job intake -----------------------------------------------------------------------------
     def _on_submit(self, payload: bytes, identity: str = "") -> None:
@@ -562,7 +581,9 @@ class Coordinator:
         ):
             # QoS 1 redelivery or a client retry: submission is idempotent per job id.
             self.rejected["duplicate_job"] += 1
-            logger.info("job %s submitted again; ignored", spec.job_id)
+            logger.info(
+                "job %s submitted again; ignored", spec.job_id, extra=_log_ids(job_id=spec.job_id)
+            )
             return
         try:
             if isinstance(spec, MonitorJob):
@@ -638,6 +659,7 @@ class Coordinator:
             job.batch_size,
             policy,
             f", each on {spec.redundancy} agents" if spec.redundancy > 1 else "",
+            extra=_log_ids(job_id=job.job_id),
         )
         if publish_result:
             self._publish_status(job)
@@ -734,7 +756,13 @@ class Coordinator:
             job_id = m.group(1).decode()
         if client_id is None and (m := _CLIENT_ID_RE.search(payload)):
             client_id = m.group(1).decode()
-        logger.warning("job %s rejected: [%s] %s", job_id or "<no id>", code, message)
+        logger.warning(
+            "job %s rejected: [%s] %s",
+            job_id or "<no id>",
+            code,
+            message,
+            extra=_log_ids(job_id=job_id, reason=code),
+        )
         error = ErrorInfo(code=code, message=message[:2000])
         now = time.time()
         self._link.publish_nowait(
@@ -819,6 +847,7 @@ class Coordinator:
             spec.model,
             spec.deadline_ms,
             alert_topic,
+            extra=_log_ids(job_id=spec.job_id),
         )
         return monitor
 
@@ -840,7 +869,7 @@ class Coordinator:
         for old in stopped[: max(len(stopped) - STOPPED_MONITORS_KEPT, 0)]:
             del self.monitors[old.job_id]
         self._state_dirty = True
-        logger.info("monitor %s stopped (%s)", job_id, reason)
+        logger.info("monitor %s stopped (%s)", job_id, reason, extra=_log_ids(job_id=job_id))
         return monitor
 
     def _check_source(self, source: str) -> None:
@@ -910,7 +939,13 @@ class Coordinator:
 
     def _refuse_stop(self, msg: StopJob, code: ErrorCode, text: str) -> None:
         self.rejected[f"stop_{code}"] += 1
-        logger.warning("stop of %s refused: [%s] %s", msg.job_id, code, text)
+        logger.warning(
+            "stop of %s refused: [%s] %s",
+            msg.job_id,
+            code,
+            text,
+            extra=_log_ids(job_id=msg.job_id, reason=code),
+        )
         answer = Rejection(
             error=ErrorInfo(code=code, message=text),
             payload_bytes=0,
@@ -969,7 +1004,9 @@ class Coordinator:
                     f"{len(shed)} windows shed: {monitor.outstanding} already waiting "
                     f"(monitor_backlog {self.config.monitor_backlog})"
                 )
-                logger.warning("monitor %s: %s", job_id, monitor.last_error)
+                logger.warning(
+                    "monitor %s: %s", job_id, monitor.last_error, extra=_log_ids(job_id=job_id)
+                )
                 self._decide(monitor, [Outcome(w, None, None, now, why="shed") for w in shed])
             if not group:
                 continue
@@ -989,7 +1026,7 @@ class Coordinator:
             monitor.bind_model(info.inputs, info.outputs)
         except ValueError as e:
             monitor.last_error = str(e)
-            logger.error("monitor %s: %s", monitor.job_id, e)
+            logger.error("monitor %s: %s", monitor.job_id, e, extra=_log_ids(job_id=monitor.job_id))
             return False
         return True
 
@@ -1049,7 +1086,12 @@ class Coordinator:
         else:
             why = job.error.message if job.error else "failed"
             monitor.last_error = f"{len(windows)} windows failed: {why}"
-            logger.warning("monitor %s: %s", monitor.job_id, monitor.last_error)
+            logger.warning(
+                "monitor %s: %s",
+                monitor.job_id,
+                monitor.last_error,
+                extra=_log_ids(job_id=monitor.job_id),
+            )
             outcomes = [Outcome(w, None, None, now) for w in windows]
         self._decide(monitor, outcomes)
 
@@ -1218,6 +1260,7 @@ class Coordinator:
             task.task_id,
             attempt,
             agent.agent_id,
+            extra=_task_ids(task),
         )
 
     def _release_resumed(self) -> None:
@@ -1287,6 +1330,7 @@ class Coordinator:
                 len(tasks),
                 reason,
                 ", ".join(t.task_id for t in tasks[:20]),
+                extra=_log_ids(agent_id=agent.agent_id, tasks=[t.task_id for t in tasks]),
             )
         for task in tasks:
             self._retry(task, agent, "agent_lost", reason, count_attempt=count_attempt)
@@ -1313,7 +1357,11 @@ class Coordinator:
             try:
                 outputs = job.assemble()
             except (ValueError, RuntimeError) as e:  # parts that do not fit together
-                logger.exception("job %s: cannot assemble its outputs", job.job_id)
+                logger.exception(
+                    "job %s: cannot assemble its outputs",
+                    job.job_id,
+                    extra=_log_ids(job_id=job.job_id),
+                )
                 job.error = ErrorInfo(code="internal", message=f"outputs do not assemble: {e}")
         if job.finished_ok:
             result = JobResult(
@@ -1337,6 +1385,7 @@ class Coordinator:
                 job.samples,
                 elapsed,
                 job.retries,
+                extra=_log_ids(job_id=job.job_id),
             )
         else:
             self._send_cancels(self.ledger.cancel_job(job, self.registry.agents))
@@ -1349,7 +1398,12 @@ class Coordinator:
                 retries=job.retries,
                 disagreements=dict(job.disagreements),
             )
-            logger.error("job %s failed: %s", job.job_id, job.error.message if job.error else "?")
+            logger.error(
+                "job %s failed: %s",
+                job.job_id,
+                job.error.message if job.error else "?",
+                extra=_log_ids(job_id=job.job_id),
+            )
         if job.future is not None and not job.future.done():
             if job.finished_ok:
                 job.future.set_result(JobOutput(job_id=job.job_id, outputs=outputs, result=result))
@@ -1418,13 +1472,18 @@ class Coordinator:
                     task.task_id,
                     task.attempt,
                     task.agent_id,
+                    extra=_task_ids(task),
                 )
                 self._link.publish_nowait(
                     self.topics.tasks(task.agent_id or ""),
                     CancelTask(task_id=task.task_id, attempt=task.attempt).to_json(),
                 )
                 if old is not None and old.online and not old.suspect:
-                    logger.warning("agent %s suspect: let a lease expire", old.agent_id)
+                    logger.warning(
+                        "agent %s suspect: let a lease expire",
+                        old.agent_id,
+                        extra=_log_ids(agent_id=old.agent_id),
+                    )
                     old.suspect = True
                 self._retry(task, old, "lease_expired", "no result before the lease expired")
                 self._kick()
@@ -1439,6 +1498,7 @@ class Coordinator:
                         "agent %s suspect: silent for %.0fs",
                         agent.agent_id,
                         self.config.suspect_after_s,
+                        extra=_log_ids(agent_id=agent.agent_id),
                     )
                     agent.suspect = True
             for agent in self.registry.silent(self.config.dead_after_s):
@@ -1446,6 +1506,7 @@ class Coordinator:
                     "agent %s silent for %.0fs: treated as dead",
                     agent.agent_id,
                     self.config.dead_after_s,
+                    extra=_log_ids(agent_id=agent.agent_id),
                 )
                 agent.online = False
                 agent.offline_reason = f"silent for {self.config.dead_after_s:.0f}s"
@@ -1454,7 +1515,11 @@ class Coordinator:
             if now - last_health >= HEALTH_INTERVAL_S:
                 last_health = now
                 for alert in self.health.check(list(self.registry.agents.values()), time.time()):
-                    logger.warning("fleet: %s", alert.message)
+                    logger.warning(
+                        "fleet: %s",
+                        alert.message,
+                        extra=_log_ids(agent_id=alert.agent_id, reason=alert.kind),
+                    )
                     self._raise(self.topics.fleet_alerts, alert)
             if now - last_status >= self.config.status_interval_s:
                 last_status = now
@@ -1513,6 +1578,7 @@ class Coordinator:
                     elapsed_ms,
                     t.agent_id,
                     t.est_ms,
+                    extra=_task_ids(t),
                 )
             if late:
                 self._kick()
@@ -1676,3 +1742,14 @@ def _dispatch_order(job: Job) -> tuple[int, float, int]:
     if job.deadline is not None:
         return (0, job.deadline, 0)
     return (1, 0.0, -job.spec.priority)
+
+
+def _log_ids(**fields: object) -> dict[str, object]:
+    """Ids of a log line as fields of their own (``--log-json``), beside the message."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _task_ids(task: Microtask) -> dict[str, object]:
+    return _log_ids(
+        job_id=task.job.job_id, task_id=task.task_id, attempt=task.attempt, agent_id=task.agent_id
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 
 from coordinator import Coordinator, OffloadClient
 from coordinator.broker import LocalBroker
+from coordinator.cli import JsonFormatter
 from protocol import (
     AgentState,
     BrokerAddress,
@@ -70,18 +73,31 @@ def assert_exact(out: Any, x: np.ndarray[Any, Any], batch: int = 100) -> None:
 
 
 async def test_agent_killed_mid_job_its_microtasks_run_elsewhere(
-    mosquitto_address: BrokerAddress, agent_processes: Any, coordinator_factory: Any, digits: Any
+    mosquitto_address: BrokerAddress,
+    agent_processes: Any,
+    coordinator_factory: Any,
+    digits: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     victim, coord, x, handle = await slow_fleet_with_a_job(
         mosquitto_address, agent_processes, coordinator_factory, digits, ("k-victim", "k-survivor")
     )
     rec = coord.registry.agents["k-victim"]
     await wait_until(lambda: rec.completed >= 2, what="the victim to have done some work")
+    running = set(rec.in_flight)
+    caplog.set_level(logging.WARNING, logger="coordinator.service")
     victim.kill()  # SIGKILL: no drain; the broker publishes its Last Will
     out = await handle.result(timeout=120)
     assert_exact(out, x)
     assert out.result.retries >= 1, "the victim's in-flight microtasks were re-dispatched"
     assert not rec.online
+    # The log names the microtasks the dead agent was running, as fields of the line.
+    (line,) = [r for r in caplog.records if "re-dispatching" in r.getMessage()]
+    fields = json.loads(JsonFormatter().format(line))
+    assert fields["agent_id"] == "k-victim"
+    assert fields["tasks"] and all(t in fields["msg"] for t in fields["tasks"])
+    assert all(t.startswith(f"{handle.job_id}.") for t in fields["tasks"])
+    assert set(fields["tasks"]) & running, "what it was running when it was killed"
 
 
 async def test_agent_drained_mid_job_hands_back_without_losing_work(
