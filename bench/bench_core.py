@@ -187,12 +187,8 @@ async def remote(args: argparse.Namespace, address: BrokerAddress) -> list[tuple
     ]
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.ERROR)
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller runs")
-    ap.add_argument("--target-ms", type=float, help="coordinator target_task_ms override")
-    args = ap.parse_args()
+def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Every figure of this benchmark as (measurement, value) rows (``args`` as main's)."""
     args.rt_n = 1000 if args.quick else 5000
     args.trivial_n = 10_000
     args.large_reps = 50 if args.quick else 200
@@ -202,6 +198,15 @@ def main() -> int:
             rows = asyncio.run(in_process(args, address))
         with processes(address, agents=2, coordinator=True):
             rows += asyncio.run(remote(args, address))
+    return rows
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.ERROR)
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller runs")
+    ap.add_argument("--target-ms", type=float, help="coordinator target_task_ms override")
+    rows = measure(ap.parse_args())
     width = max(len(r[0]) for r in rows)
     print(
         f"edge-offload core benchmark: {os.cpu_count()} cores, Mosquitto, 2 agent processes "
