@@ -91,6 +91,10 @@ STOPPED_MONITORS_KEPT = 50
 # Topic -> monitoring jobs reading it, cached; cleared when it grows past this.
 ROUTE_CACHE_LIMIT = 100_000
 HEALTH_INTERVAL_S = 0.5
+# A dispatch round stops after this long and continues on the next loop iteration, so
+# that placing work for a large fleet never keeps the loop from reading (heartbeats,
+# results) and from writing the microtasks it placed.
+DISPATCH_SLICE_S = 0.02
 
 
 class Coordinator:
@@ -1142,10 +1146,15 @@ class Coordinator:
         if not self._link.connected.is_set():
             return
         now = time.monotonic()
+        stop_at = now + DISPATCH_SLICE_S
         jobs = [j for j in self.ledger.active.values() if j.pending and j.hold_until <= now]
         if len(jobs) > 1:
             jobs.sort(key=_dispatch_order)  # stable: FIFO within a priority
+        placed = 0
         for job in jobs:
+            if placed and time.monotonic() > stop_at:
+                self._kick()  # the rest on the next iteration, after I/O
+                return
             model = job.spec.model
             candidates = sorted(
                 (
@@ -1182,6 +1191,10 @@ class Coordinator:
                     break
                 job.pending.popleft()
                 self._send(task, agent, nbytes)
+                placed += 1  # at least one placement a round: always progress
+                if time.monotonic() > stop_at:
+                    self._kick()
+                    break
             job.pending.extendleft(reversed(unplaceable))
             if self._give_up_unplaceable(job, unplaceable):
                 self._finish(job)

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from coordinator import OffloadClient
+from coordinator import OffloadClient, service
 from protocol import BrokerAddress, JobError, JobResult, Rejection, Topics
 from tests.agent.test_agent import collect, raw_client
 from tests.conftest import DIGITS_MODEL
@@ -209,3 +209,34 @@ async def test_sdk_reports_a_lost_broker_instead_of_hanging(root: str) -> None:
     with pytest.raises(aiomqtt.MqttError):
         async with OffloadClient(BrokerAddress(port=free_port()), root=root):
             pass
+
+
+async def test_dispatch_rounds_cut_into_slices_still_place_every_microtask(
+    mosquitto_address: BrokerAddress,
+    agent_factory: Any,
+    coordinator_factory: Any,
+    digits: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round stops after DISPATCH_SLICE_S and goes on at the next loop iteration (so a
+    huge fleet never starves I/O); with a zero slice every placement is its own round."""
+    monkeypatch.setattr(service, "DISPATCH_SLICE_S", 0.0)
+    x = digits[0]
+    await agent_factory(mosquitto_address, "s-1", slots=2)
+    await agent_factory(mosquitto_address, "s-2", slots=1)
+    coord = await coordinator_factory(mosquitto_address)
+    await coord.wait_for_agents(2)
+    rounds = 0
+    dispatch = coord._dispatch
+
+    def counting() -> None:
+        nonlocal rounds
+        rounds += 1
+        dispatch()
+
+    monkeypatch.setattr(coord, "_dispatch", counting)
+    jobs = [coord.submit_arrays("digits-mlp", {"input": x[i::3]}, batch_size=9) for i in range(3)]
+    outs = await asyncio.gather(*(j.result(60) for j in jobs))
+    for i, out in enumerate(outs):
+        assert np.array_equal(out["label"], direct(x[i::3])[0])
+    assert rounds >= sum(o.result.tasks for o in outs) // 2, "rounds were cut short"
