@@ -26,6 +26,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler
 from threadpoolctl import threadpool_limits
+from zoo_common import pin_metadata
 
 MODELS_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
@@ -103,27 +104,19 @@ def export(pipe: Pipeline) -> onnx.ModelProto:
         target_opset=TARGET_OPSET,
         name="digits_mlp",
     )
-    # Name the batch axis and pin every free-form metadata field.
-    for value_info in [*model.graph.input, *model.graph.output]:
-        value_info.type.tensor_type.shape.dim[0].dim_param = "N"
-    model.graph.name = "digits_mlp"
-    model.graph.doc_string = DESCRIPTION
-    model.doc_string = DESCRIPTION
-    model.producer_name = "edge-offload models/build.py"
-    model.producer_version = f"skl2onnx-{skl2onnx.__version__}"
-    model.domain = "org.edge-offload"
-    model.model_version = int(MODEL_VERSION)
-    del model.metadata_props[:]
-    for key, value in (
-        ("id", MODEL_ID),
-        ("version", MODEL_VERSION),
-        ("source", SOURCE),
-        ("licence", LICENCE),
-        ("scikit-learn", sklearn.__version__),
-    ):
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return pin_metadata(
+        model,
+        graph_name="digits_mlp",
+        description=DESCRIPTION,
+        version=MODEL_VERSION,
+        props=(
+            ("id", MODEL_ID),
+            ("version", MODEL_VERSION),
+            ("source", SOURCE),
+            ("licence", LICENCE),
+            ("scikit-learn", sklearn.__version__),
+        ),
+    )
 
 
 def session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:

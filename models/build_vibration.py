@@ -47,6 +47,8 @@ MODELS_DIR = Path(__file__).resolve().parent
 # The training data comes from this checkout's simulator, whatever edge-offload is installed.
 sys.path.insert(0, str(MODELS_DIR.parent))
 
+from zoo_common import pin_metadata  # noqa: E402
+
 from coordinator.signals import (  # noqa: E402
     ANOMALY_KINDS,
     HOP,
@@ -528,29 +530,22 @@ def export(cal: Calibration) -> onnx.ModelProto:
         versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
     del model.opset_import[:]
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
-    for value_info in [*model.graph.input, *model.graph.output]:
-        value_info.type.tensor_type.shape.dim[0].dim_param = "N"
     del model.graph.value_info[:]
-    model.graph.name = "vibration_anomaly"
-    model.graph.doc_string = DESCRIPTION
-    model.doc_string = DESCRIPTION
-    model.producer_name = "edge-offload models/build.py"
-    model.producer_version = f"skl2onnx-{skl2onnx.__version__}"
-    model.domain = "org.edge-offload"
-    model.model_version = int(MODEL_VERSION)
-    del model.metadata_props[:]
-    for key, value in (
-        ("id", MODEL_ID),
-        ("version", MODEL_VERSION),
-        ("source", SOURCE),
-        ("licence", LICENCE),
-        ("scikit-learn", sklearn.__version__),
-        ("features", ",".join(FEATURE_NAMES)),
-        ("threshold", repr(THRESHOLD)),
-    ):
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return pin_metadata(
+        model,
+        graph_name="vibration_anomaly",
+        description=DESCRIPTION,
+        version=MODEL_VERSION,
+        props=(
+            ("id", MODEL_ID),
+            ("version", MODEL_VERSION),
+            ("source", SOURCE),
+            ("licence", LICENCE),
+            ("scikit-learn", sklearn.__version__),
+            ("features", ",".join(FEATURE_NAMES)),
+            ("threshold", repr(THRESHOLD)),
+        ),
+    )
 
 
 def verify(model_bytes: bytes, extractor: FeatureExtractor, cal: Calibration, x: Array) -> None:
