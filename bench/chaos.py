@@ -442,18 +442,24 @@ async def agent_kills(fleet: Fleet, progress: Progress, report: Report) -> None:
 async def sigstop(fleet: Fleet, progress: Progress, report: Report) -> None:
     """SIGSTOP an agent holding work past its lease, then SIGCONT it."""
     await progress.reach(0.2)
-    victim = fleet.agents["a1"]
+    # The busiest agent of the last second: the scheduler may leave one of four alike
+    # agents nearly idle, and stopping an idle agent would test nothing.
+    recent = time.monotonic() - 1.0
+    name = max(fleet.agents, key=lambda a: sum(t > recent for t in fleet.tap.times.get(a, [])))
+    await fleet.tap.wait_busy(name)  # a result just now: it holds its next microtask
+    victim = fleet.agents[name]
     t0 = time.time()
     victim.signal(signal.SIGSTOP)
-    expired = await fleet.wait_log(t0, r"lease expired on a1", timeout=60)
+    expired = await fleet.wait_log(t0, rf"lease expired on {name}", timeout=60)
     await asyncio.sleep(1.0)  # well past the lease
     stopped = time.time() - t0
     victim.signal(signal.SIGCONT)
     t_cont = time.monotonic()
+    report.facts["stopped"] = name
     report.facts["stopped for (s)"] = round(stopped, 1)
     report.event("SIGSTOP -> lease expired", expired)
     await asyncio.sleep(2.0)  # let its late results arrive
-    report.event("SIGCONT -> its next result", fleet.tap.first_result_after("a1", t_cont))
+    report.event("SIGCONT -> its next result", fleet.tap.first_result_after(name, t_cont))
 
 
 async def broker_kill(fleet: Fleet, progress: Progress, report: Report) -> None:
