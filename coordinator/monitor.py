@@ -364,6 +364,9 @@ class Monitor:
     def __post_init__(self) -> None:
         self.parser = ReadingParser(self.spec.reading)
         self._deadline_s = self.spec.deadline_ms / 1000
+        # A sensor message is parsed on the event loop: bound it by what it may hold
+        # (a JSON number takes at most ~32 bytes), not by the coordinator's job limit.
+        self.max_payload = 64 * self.spec.reading.max_values + 65536
 
     @property
     def job_id(self) -> str:
@@ -374,6 +377,11 @@ class Monitor:
         """Cut the windows a sensor message completes; a bad message is counted and skipped."""
         self.counts["messages"] += 1
         try:
+            if len(payload) > self.max_payload:
+                raise BadReading(
+                    "too_large",
+                    f"{len(payload)} bytes for at most {self.spec.reading.max_values} values",
+                )
             reading = self.parser.parse(topic, payload, wall)
             sensor = self.sensors.get(reading.sensor)
             if sensor is None:

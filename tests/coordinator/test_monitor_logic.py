@@ -199,6 +199,9 @@ def test_monitor_counts_missed_failed_and_alerts() -> None:
     assert (st.windows, st.processed, st.missed, st.alerts, st.alarming) == (3, 2, 1, 1, 1)
     assert st.malformed == {"not_a_number": 1}
     assert st.readings == 16 and st.per_agent == {"a0": 1, "a1": 1}
+    huge = b'{"values": [' + b"1.0," * 100_000 + b"1.0]}"  # over 64 B x max_values + 64 KiB
+    assert m.on_reading("plant/a/s1", huge, 10.0, 1000.0) == []
+    assert m.malformed["too_large"] == 1
 
 
 def test_model_binding_checks_input_and_output() -> None:
