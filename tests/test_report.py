@@ -196,6 +196,13 @@ async def test_watching_a_job_and_the_fleet_live(
     assert bars and "600/600 samples" in bars[-1], stderr
     assert "job w-1 done: 600 samples" in stdout
     await handle.result(30)
+    # The watch below picks the newest unfinished job from the coordinator's retained
+    # state, refreshed once a second: wait until that state has w-1 finished.
+    for _ in range(50):
+        state = await client.coordinator_state()
+        if all(j.state in ("done", "failed") for j in state.jobs if j.job_id == "w-1"):
+            break
+        await asyncio.sleep(0.1)
 
     # Without a job id: the newest unfinished job (the submit below), once it appears.
     np.save(tmp_path / "x.npy", x[:400])
