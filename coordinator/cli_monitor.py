@@ -399,28 +399,17 @@ def cmd_sensors(args: argparse.Namespace) -> int:
         f"{config.duration_s:g} s (x{config.speed:g}); {len(sim.anomalies)} anomalies",
         file=sys.stderr,
     )
-    report = _run_report(sim)
-    if report is None:
-        return EXIT_FAILED
-    if args.labels:
-        args.labels.write_text(json.dumps(report.labels(), indent=1) + "\n")
-    print(
-        f"published {report.messages} messages, {sum(report.values.values())} values"
-        + (f", {report.malformed.total()} malformed" if report.malformed else "")
-        + (f"; labels in {args.labels}" if args.labels else ""),
-        file=sys.stderr,
-    )
-    return EXIT_OK
-
-
-def _run_report(sim: Any) -> Any:
-    from coordinator.cli import _run_client
-
-    out: list[Any] = []
 
     async def run() -> int:
-        out.append(await sim.run())
+        report = await sim.run()
+        if args.labels:
+            args.labels.write_text(json.dumps(report.labels(), indent=1) + "\n")
+        print(
+            f"published {report.messages} messages, {sum(report.values.values())} values"
+            + (f", {report.malformed.total()} malformed" if report.malformed else "")
+            + (f"; labels in {args.labels}" if args.labels else ""),
+            file=sys.stderr,
+        )
         return EXIT_OK
 
-    _run_client(run())
-    return out[0] if out else None
+    return _run(run())

@@ -603,7 +603,7 @@ class Monitor:
             alert_latency_ms_p99=_percentile(self.alert_latencies, 99),
         )
 
-    def status(self, error: Any = None) -> MonitorStatus:
+    def status(self) -> MonitorStatus:
         return MonitorStatus(
             job_id=self.job_id,
             state=self.state,
@@ -614,7 +614,6 @@ class Monitor:
             ts=time.time(),
             stats=self.stats(),
             last_error=self.last_error[:2000] if self.last_error else None,
-            error=error,
         )
 
     def summary(self) -> MonitorSummary:

@@ -16,7 +16,6 @@ import build_vibration  # models/ is on sys.path: this file runs as a script
 import numpy as np
 import onnx
 import onnxruntime as ort
-import skl2onnx
 import sklearn
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
@@ -26,7 +25,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler
 from threadpoolctl import threadpool_limits
-from zoo_common import pin_metadata
+from zoo_common import pin_metadata, toolchain
 
 MODELS_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
@@ -178,11 +177,7 @@ def build_digits_mlp(out_dir: Path) -> dict[str, Any]:
         "source": SOURCE,
         "licence": LICENCE,
         "build": {
-            "scikit-learn": sklearn.__version__,
-            "skl2onnx": skl2onnx.__version__,
-            "onnx": onnx.__version__,
-            "numpy": np.__version__,
-            "target_opset": TARGET_OPSET,
+            **toolchain(TARGET_OPSET),
             "random_state": RANDOM_STATE,
             "hidden_layer_sizes": list(HIDDEN_LAYER_SIZES),
             "holdout_fraction": HOLDOUT_FRACTION,

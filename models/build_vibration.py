@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import skl2onnx
 import sklearn
 from onnx import TensorProto, helper, numpy_helper
 from skl2onnx import to_onnx
@@ -47,7 +46,7 @@ MODELS_DIR = Path(__file__).resolve().parent
 # The training data comes from this checkout's simulator, whatever edge-offload is installed.
 sys.path.insert(0, str(MODELS_DIR.parent))
 
-from zoo_common import pin_metadata  # noqa: E402
+from zoo_common import pin_metadata, toolchain  # noqa: E402
 
 from coordinator.signals import (  # noqa: E402
     ANOMALY_KINDS,
@@ -700,11 +699,7 @@ def build_vibration_anomaly(out_dir: Path) -> dict[str, Any]:
         "source": SOURCE,
         "licence": LICENCE,
         "build": {
-            "scikit-learn": sklearn.__version__,
-            "skl2onnx": skl2onnx.__version__,
-            "onnx": onnx.__version__,
-            "numpy": np.__version__,
-            "target_opset": TARGET_OPSET,
+            **toolchain(TARGET_OPSET),
             "random_state": RANDOM_STATE,
             "gmm_components": GMM_COMPONENTS,
             "features": list(FEATURE_NAMES),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import numpy as np
 import onnx
 import skl2onnx
+import sklearn
 
 
 def pin_metadata(
@@ -32,3 +35,14 @@ def pin_metadata(
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def toolchain(target_opset: Mapping[str, int]) -> dict[str, Any]:
+    """The versions a model was built with, for its manifest entry's ``build``."""
+    return {
+        "scikit-learn": sklearn.__version__,
+        "skl2onnx": skl2onnx.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "target_opset": dict(target_opset),
+    }
