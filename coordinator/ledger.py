@@ -143,6 +143,9 @@ class Job:
     publish_result: bool = True
     # The model's outputs (name -> spec), to check every result against.
     output_specs: dict[str, TensorSpec] = field(default_factory=dict)
+    # The exact model file (sha256) when the model is in the coordinator's catalog: only
+    # agents with that file run the job, and agents lacking it may be sent it first.
+    model_sha256: str | None = None
     # Recorded in the journal, to be resumed by a restarted coordinator (jobs submitted
     # over MQTT; an in-process submitter does not outlive its coordinator).
     journaled: bool = False

@@ -19,6 +19,8 @@ ErrorCode = Literal[
     "forbidden",  # sender is not allowed to do this
     "rate_limited",  # sender exceeded its message rate
     "cancelled",  # stopped by its submitter
+    "corrupt",  # a model transfer's chunk or file failed its sha256 or size check
+    "no_room",  # the model does not fit the agent's model cache budget
     "internal",
 ]
 

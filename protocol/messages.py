@@ -18,6 +18,7 @@ NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Batch = Annotated[int, Field(ge=1, le=2**31)]
 CallMs = Annotated[float, Field(ge=0, le=1e7, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
+ProviderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")]
 
 
 class Envelope(Message):
@@ -103,6 +104,15 @@ class ModelInfo(Message):
         return ms / batch
 
 
+class ModelCache(Message):
+    """An agent's cache of models deployed to it over MQTT (absent: it accepts none)."""
+
+    # Disk the cache may use, and what the models in it use now; the least recently used
+    # model not in use is evicted to make room for a new one.
+    budget_bytes: Count
+    used_bytes: Count = 0
+
+
 class Capabilities(Message):
     """What a device can do, advertised in its birth."""
 
@@ -123,6 +133,8 @@ class Capabilities(Message):
     slowdown: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] = 1.0
     # Wire encodings the agent reads on its tasks topic (see protocol.codec).
     encodings: list[Literal["json", "binary"]] = ["json"]
+    # Accepts models over MQTT into a cache of this size (None: only its installed models).
+    model_cache: ModelCache | None = None
 
 
 class AgentState(Envelope):
@@ -188,6 +200,10 @@ class RunTask(Envelope):
     # has queued: earliest deadline first (epoch seconds), then higher priority, then FIFO.
     deadline: NonNeg | None = None
     priority: int = 0
+    # The exact model file to run (its sha256). An agent receiving that file right now
+    # holds the microtask until it is installed; one with another version of ``model``
+    # refuses it (unknown_model). None: whatever version of ``model`` the agent has.
+    model_sha256: Sha256 | None = None
 
 
 class CancelTask(Envelope):
@@ -219,6 +235,72 @@ class TaskResult(Envelope):
     exec_ms: NonNeg = 0.0
 
 
+# -- model deployment: coordinator -> agent on ``models``, agent -> coordinator on ``deploys`` --
+
+
+class ModelOffer(Envelope):
+    """The start of a model transfer: what is coming, and in how many chunks.
+
+    The agent answers with a :class:`ModelAck`: ``receiving`` (next_chunk 0) if it has
+    room, ``refused`` otherwise. Chunks follow in order; the file is written to a
+    temporary name, its size and sha256 verified, and renamed into the cache before it is
+    loaded. A new offer for the same sha256 replaces an unfinished transfer.
+    """
+
+    type: Literal["model_offer"] = "model_offer"
+    transfer_id: Id
+    model: ModelInfo
+    chunk_size: Annotated[int, Field(ge=1, le=64 * 2**20)]
+    chunks: Annotated[int, Field(ge=1, le=2**20)]
+    source: str = ""
+    licence: str = ""
+    ts: NonNeg
+
+
+class ModelChunk(Envelope):
+    """Chunk ``index`` of a transfer: ``data`` is a uint8 tensor (raw in a binary frame)
+    whose sha256 is ``sha256``; a chunk that does not match is refused and sent again."""
+
+    type: Literal["model_chunk"] = "model_chunk"
+    transfer_id: Id
+    index: Annotated[int, Field(ge=0, le=2**20)]
+    sha256: Sha256
+    data: Tensor
+
+
+class ModelAbort(Envelope):
+    """The coordinator gives up a transfer: the agent drops the partial file and answers
+    the microtasks it held for the model with ``unknown_model``."""
+
+    type: Literal["model_abort"] = "model_abort"
+    transfer_id: Id
+    reason: Annotated[str, Field(max_length=2000)] = ""
+
+
+ModelMessage = Annotated[ModelOffer | ModelChunk | ModelAbort, Field(discriminator="type")]
+
+TransferState = Literal["receiving", "installed", "refused"]
+
+
+class ModelAck(Envelope):
+    """An agent's answer to a transfer, on its ``deploys`` topic.
+
+    ``receiving``: chunks ``0 .. next_chunk - 1`` are written; with ``error`` (code
+    ``corrupt``) chunk ``next_chunk`` was refused and must be sent again. ``installed``:
+    verified, renamed and loaded (a new birth follows with the model in it). ``refused``:
+    the transfer is over without the model (``no_room``, ``corrupt`` file, unloadable).
+    """
+
+    type: Literal["model_ack"] = "model_ack"
+    agent_id: Id
+    transfer_id: Id
+    sha256: Sha256
+    state: TransferState
+    next_chunk: Count = 0
+    error: ErrorInfo | None = None
+    ts: NonNeg
+
+
 # -- clients <-> coordinator -------------------------------------------------------------------
 
 
@@ -243,6 +325,11 @@ class InferenceJob(Envelope):
     # (relative and absolute, as numpy.allclose), integers and booleans exactly.
     redundancy: Annotated[int, Field(ge=1, le=9)] = 1
     tolerance: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+    # Execution providers (onnxruntime names, e.g. "CUDAExecutionProvider"): only agents
+    # whose probed providers include one of ``require_providers`` run the job; agents
+    # with one of ``prefer_providers`` are chosen when any is available.
+    require_providers: Annotated[list[ProviderName], Field(max_length=16)] = []
+    prefer_providers: Annotated[list[ProviderName], Field(max_length=16)] = []
 
 
 JobState = Literal["accepted", "running", "done", "failed"]
@@ -499,6 +586,21 @@ def parse_task(payload: bytes) -> RunTask | CancelTask:
         raise ProtocolError(f"invalid task message: {summarize(e)}", code="malformed") from None
 
 
+_model_adapter: TypeAdapter[ModelOffer | ModelChunk | ModelAbort] = TypeAdapter(ModelMessage)
+
+
+def parse_model_message(payload: bytes) -> ModelOffer | ModelChunk | ModelAbort:
+    """Parse a message from an agent's ``models`` topic (JSON or a binary frame)."""
+    from protocol.codec import is_binary, unframe
+
+    try:
+        if is_binary(payload):
+            return _model_adapter.validate_python(unframe(payload), strict=True)
+        return _model_adapter.validate_json(payload)
+    except ValidationError as e:
+        raise ProtocolError(f"invalid model message: {summarize(e)}", code="malformed") from None
+
+
 def _submission_type(value: Any) -> str:
     """A job message without ``type`` is an inference job (as before monitoring existed)."""
     if isinstance(value, dict):
@@ -577,6 +679,10 @@ ALL_MESSAGES: tuple[type[Envelope], ...] = (
     StopJob,
     MonitorStatus,
     Alert,
+    ModelOffer,
+    ModelChunk,
+    ModelAbort,
+    ModelAck,
 )
 
 

@@ -10,10 +10,12 @@ from protocol.errors import ProtocolError
 
 DEFAULT_ROOT = "offload/v1"
 
-AgentChannel = Literal["state", "heartbeat", "tasks", "results", "models"]
+AgentChannel = Literal["state", "heartbeat", "tasks", "results", "models", "deploys"]
 JobChannel = Literal["status", "result"]
 
-_AGENT_CHANNELS: frozenset[str] = frozenset({"state", "heartbeat", "tasks", "results", "models"})
+_AGENT_CHANNELS: frozenset[str] = frozenset(
+    {"state", "heartbeat", "tasks", "results", "models", "deploys"}
+)
 # Ids become topic levels, so they must never contain MQTT wildcards or separators.
 # \Z, not $: "$" also matches before a trailing newline ("a\n" is no id).
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
@@ -56,7 +58,12 @@ class Topics:
         return self.agent(agent_id, "results")
 
     def models(self, agent_id: str) -> str:
+        """Model transfers to one agent (coordinator -> agent: offer, chunks, abort)."""
         return self.agent(agent_id, "models")
+
+    def deploys(self, agent_id: str) -> str:
+        """An agent's answers to model transfers (agent -> coordinator: ModelAck)."""
+        return self.agent(agent_id, "deploys")
 
     def all_agents(self, channel: AgentChannel) -> str:
         """Subscription filter for one channel of every agent."""
