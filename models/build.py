@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -12,20 +11,30 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import build_vibration  # models/ is on sys.path: this file runs as a script
+import build_cnn  # models/ is on sys.path: this file runs as a script
+import build_vibration
 import numpy as np
 import onnx
 import onnxruntime as ort
 import sklearn
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler
 from threadpoolctl import threadpool_limits
-from zoo_common import pin_metadata, toolchain
+from zoo_common import (
+    DIGITS_DATA,
+    DIGITS_LICENCE,
+    HOLDOUT_FRACTION,
+    RANDOM_STATE,
+    digits_split,
+    load_digits_xy,
+    pin_metadata,
+    session,
+    sha256_file,
+    toolchain,
+)
 
 MODELS_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
@@ -34,8 +43,6 @@ MANIFEST_SCHEMA = 1
 MODEL_ID = "digits-mlp"
 MODEL_VERSION = "1"
 MODEL_FILE = "digits_mlp.onnx"
-RANDOM_STATE = 0
-HOLDOUT_FRACTION = 0.2
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 N_FEATURES = 64
 N_CLASSES = 10
@@ -57,22 +64,10 @@ DESCRIPTION = (
     "'probabilities' (float32, classes 0..9). Scaler + MLP "
     f"{'x'.join(map(str, HIDDEN_LAYER_SIZES))} ReLU, softmax output."
 )
-SOURCE = (
-    "scikit-learn load_digits (UCI optical recognition of handwritten digits), "
-    "trained by models/build.py"
-)
-LICENCE = "BSD-3-Clause (scikit-learn bundled dataset)"
+SOURCE = f"{DIGITS_DATA}, trained by models/build.py"
+LICENCE = DIGITS_LICENCE
 
 PROB_ATOL = 1e-5
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_data() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float32), y.astype(np.int64)
 
 
 def train(x: np.ndarray, y: np.ndarray, hidden_layer_sizes: tuple[int, ...]) -> Pipeline:
@@ -118,13 +113,6 @@ def export(pipe: Pipeline) -> onnx.ModelProto:
     )
 
 
-def session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-
-
 def verify(model_bytes: bytes, pipe: Pipeline, x: np.ndarray) -> None:
     """ONNX must agree with sklearn: identical labels, probabilities within PROB_ATOL."""
     sess = session(model_bytes)
@@ -146,10 +134,8 @@ def verify(model_bytes: bytes, pipe: Pipeline, x: np.ndarray) -> None:
 
 
 def build_digits_mlp(out_dir: Path) -> dict[str, Any]:
-    x, y = load_data()
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=RANDOM_STATE
-    )
+    x, y = load_digits_xy()
+    x_train, x_test, y_train, y_test = digits_split(x, y)
     pipe = train(x_train, y_train, HIDDEN_LAYER_SIZES)
     model_bytes = export(pipe).SerializeToString(deterministic=True)
     path = out_dir / MODEL_FILE
@@ -193,7 +179,7 @@ DATASET_FILE = "digits_samples.npz"
 
 def build_digits_samples(out_dir: Path) -> dict[str, Any]:
     """All 1,797 load_digits samples, so the demo and benchmarks need no scikit-learn."""
-    x, y = load_data()
+    x, y = load_digits_xy()
     path = out_dir / DATASET_FILE
     # uint8 keeps the file small; the pixel values are the integers 0..16.
     np.savez_compressed(path, x=x.astype(np.uint8), y=y.astype(np.int64))
@@ -203,7 +189,7 @@ def build_digits_samples(out_dir: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "size": path.stat().st_size,
         "arrays": {
-            "x": "uint8 [1797, 64]: pixel intensities 0..16 (cast to float32 for digits-mlp)",
+            "x": "uint8 [1797, 64]: pixel intensities 0..16 (cast to float32 for digits-mlp/cnn)",
             "y": "int64 [1797]: the digit",
         },
         "source": SOURCE,
@@ -211,7 +197,7 @@ def build_digits_samples(out_dir: Path) -> dict[str, Any]:
     }
 
 
-BUILDERS = (build_digits_mlp, build_vibration.build_vibration_anomaly)
+BUILDERS = (build_digits_mlp, build_cnn.build_digits_cnn, build_vibration.build_vibration_anomaly)
 DATASET_BUILDERS = (build_digits_samples,)
 
 
@@ -245,7 +231,7 @@ def check() -> int:
             versions = {
                 k: (old.get("build", {}).get(k), v)
                 for k, v in new.get("build", {}).items()
-                if k in ("scikit-learn", "skl2onnx", "onnx", "numpy")
+                if k in ("scikit-learn", "skl2onnx", "onnx", "numpy", "blas")
                 and old.get("build", {}).get(k) != v
             }
             if versions:
@@ -257,11 +243,10 @@ def check() -> int:
 
 
 def bench() -> int:
-    """Time onnxruntime CPU per-sample cost of each digits candidate and of vibration-anomaly."""
-    x, y = load_data()
-    x_train, _, y_train, _ = train_test_split(
-        x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=RANDOM_STATE
-    )
+    """Time onnxruntime CPU per-sample cost of the MLP and CNN candidates, the committed
+    digits models and vibration-anomaly."""
+    x, y = load_digits_xy()
+    x_train, _, y_train, _ = digits_split(x, y)
     batch = np.ascontiguousarray(x[:BENCH_BATCH])
     print(f"onnxruntime {ort.__version__}, 1 thread, batch {BENCH_BATCH}")
     print(f"{'hidden_layer_sizes':<20} {'us/sample (best)':>17} {'median':>8} {'bytes':>8}")
@@ -279,6 +264,7 @@ def bench() -> int:
             rounds.append((time.perf_counter() - t0) / (n * BENCH_BATCH) * 1e6)
         rounds.sort()
         print(f"{hls!s:<20} {rounds[0]:>17.3f} {rounds[3]:>8.3f} {len(model_bytes):>8}")
+    build_cnn.bench()
     build_vibration.bench()
     return 0
 
@@ -294,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--bench",
         action="store_true",
-        help="time candidate MLP sizes (how HIDDEN_LAYER_SIZES was chosen) and vibration-anomaly",
+        help="time candidate MLP and CNN sizes (how HIDDEN_LAYER_SIZES and CHANNELS were "
+        "chosen), the committed digits models and vibration-anomaly",
     )
     args = parser.parse_args(argv)
     if args.check:

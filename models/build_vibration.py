@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import sklearn
 from onnx import TensorProto, helper, numpy_helper
 from skl2onnx import to_onnx
@@ -46,7 +45,7 @@ MODELS_DIR = Path(__file__).resolve().parent
 # The training data comes from this checkout's simulator, whatever edge-offload is installed.
 sys.path.insert(0, str(MODELS_DIR.parent))
 
-from zoo_common import pin_metadata, toolchain  # noqa: E402
+from zoo_common import pin_metadata, session, toolchain  # noqa: E402
 
 from coordinator.signals import (  # noqa: E402
     ANOMALY_KINDS,
@@ -136,13 +135,6 @@ LICENCE = "Apache-2.0 (trained on data simulated by this project)"
 SCORE_RTOL = 2e-3  # ONNX float32 vs the float64 reference, relative to max(1, |score|)
 
 Array = np.ndarray[Any, Any]
-
-
-def _session(model_bytes: bytes) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 class _GraphBuilder:
@@ -396,7 +388,7 @@ class FeatureExtractor:
     """Runs the ONNX feature graph, so training sees exactly the features serving computes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self._sess = _session(model.SerializeToString(deterministic=True))
+        self._sess = session(model.SerializeToString(deterministic=True))
 
     def __call__(self, windows: Array) -> Array:
         (out,) = self._sess.run(["features"], {"window": np.ascontiguousarray(windows)})
@@ -555,7 +547,7 @@ def verify(model_bytes: bytes, extractor: FeatureExtractor, cal: Calibration, x:
     if not np.all(np.isfinite(feats)) or float(err.max()) > 1e-3:
         worst = FEATURE_NAMES[int(np.argmax(err.max(axis=0)))]
         raise SystemExit(f"ONNX features differ from numpy by {err.max():.3g} ({worst})")
-    sess = _session(model_bytes)
+    sess = session(model_bytes)
     if [i.name for i in sess.get_inputs()] != ["window"] or [
         o.name for o in sess.get_outputs()
     ] != ["score", "is_anomaly"]:
@@ -650,7 +642,7 @@ def build_vibration_anomaly(out_dir: Path) -> dict[str, Any]:
     path = out_dir / MODEL_FILE
     path.write_bytes(model_bytes)
 
-    sess = _session(model_bytes)
+    sess = session(model_bytes)
 
     def flags(x: Array) -> Array:
         (score,) = sess.run(["score"], {"window": x})
@@ -734,7 +726,7 @@ def build_vibration_anomaly(out_dir: Path) -> dict[str, Any]:
 
 def bench(batch: int = 64, rounds: int = 7) -> None:
     """onnxruntime CPU cost per window of the committed model (1 thread)."""
-    sess = _session((MODELS_DIR / MODEL_FILE).read_bytes())
+    sess = session((MODELS_DIR / MODEL_FILE).read_bytes())
     x = normal_windows(batch, WINDOW, seed=7)
     for _ in range(50):
         sess.run(None, {"window": x})

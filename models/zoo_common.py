@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import skl2onnx
 import sklearn
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+# The digits models (digits-mlp, digits-cnn) train on the same stratified split, so their
+# hold-out accuracies are comparable.
+RANDOM_STATE = 0
+HOLDOUT_FRACTION = 0.2
+DIGITS_DATA = "scikit-learn load_digits (UCI optical recognition of handwritten digits)"
+DIGITS_LICENCE = "BSD-3-Clause (scikit-learn bundled dataset)"
+
+Array = np.ndarray[Any, Any]
+
+
+def load_digits_xy() -> tuple[Array, Array]:
+    """All 1,797 load_digits images as float32 [N, 64] (0..16) and int64 labels."""
+    x, y = load_digits(return_X_y=True)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def digits_split(x: Array, y: Array) -> tuple[Array, Array, Array, Array]:
+    """``x_train, x_test, y_train, y_test``: the zoo's stratified hold-out split."""
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=RANDOM_STATE
+    )
+    return x_train, x_test, y_train, y_test
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
+    """A CPU onnxruntime session with ``threads`` intra- and inter-op threads."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def pin_metadata(
@@ -18,16 +58,19 @@ def pin_metadata(
     description: str,
     version: str,
     props: Iterable[tuple[str, str]],
+    producer_version: str | None = None,
 ) -> onnx.ModelProto:
     """Name the batch axis ``N``, pin every free-form metadata field (so that a rebuild is
-    byte-identical), set ``props`` as the metadata, and check the model."""
+    byte-identical), set ``props`` as the metadata, and check the model.
+
+    ``producer_version`` defaults to the skl2onnx that converted the model."""
     for value_info in [*model.graph.input, *model.graph.output]:
         value_info.type.tensor_type.shape.dim[0].dim_param = "N"
     model.graph.name = graph_name
     model.graph.doc_string = description
     model.doc_string = description
     model.producer_name = "edge-offload models/build.py"
-    model.producer_version = f"skl2onnx-{skl2onnx.__version__}"
+    model.producer_version = producer_version or f"skl2onnx-{skl2onnx.__version__}"
     model.domain = "org.edge-offload"
     model.model_version = int(version)
     del model.metadata_props[:]

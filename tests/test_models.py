@@ -85,9 +85,13 @@ def test_signature_matches_manifest(entry: dict[str, Any]) -> None:
             assert shape == d["shape"], a.name
 
 
-def test_digits_mlp_runs_on_synthetic_batch() -> None:
+DIGITS_MODELS = ["digits-mlp", "digits-cnn"]  # same input: 8x8 images, 0..16, as [N, 64]
+
+
+@pytest.mark.parametrize("model_id", DIGITS_MODELS)
+def test_digits_model_runs_on_synthetic_batch(model_id: str) -> None:
     """Needs no sklearn: output shapes/dtypes and label == argmax(probabilities)."""
-    sess = _session(_by_id("digits-mlp"))
+    sess = _session(_by_id(model_id))
     x = np.random.default_rng(0).integers(0, 17, size=(5, 64)).astype(np.float32)
     label, proba = sess.run(["label", "probabilities"], {"input": x})
     assert label.dtype == np.int64 and label.shape == (5,)
@@ -104,6 +108,53 @@ def test_digits_mlp_accuracy() -> None:
     accuracy = float(np.mean(label == y))
     assert accuracy >= 0.95
     assert accuracy == pytest.approx(_by_id("digits-mlp")["build"]["full_accuracy"], abs=1e-6)
+
+
+def _digits_samples() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The committed load_digits copy (models/digits_samples.npz): no sklearn needed."""
+    with np.load(MODELS_DIR / "digits_samples.npz") as data:
+        return data["x"].astype(np.float32), data["y"]
+
+
+def test_digits_cnn_accuracy_on_committed_samples() -> None:
+    entry = _by_id("digits-cnn")
+    x, y = _digits_samples()
+    label, proba = _session(entry).run(["label", "probabilities"], {"input": x})
+    np.testing.assert_array_equal(label, proba.argmax(axis=1))
+    accuracy = float(np.mean(label == y))
+    assert accuracy >= 0.97
+    assert accuracy == pytest.approx(entry["build"]["full_accuracy"], abs=1e-6)
+    assert entry["build"]["holdout_accuracy"] >= 0.97
+
+
+def test_digits_cnn_holdout_accuracy() -> None:
+    """On the build's hold-out split (the 20 % digits-cnn never trained on)."""
+    selection = pytest.importorskip("sklearn.model_selection")
+    entry = _by_id("digits-cnn")
+    x, y = _digits_samples()
+    _, x_test, _, y_test = selection.train_test_split(
+        x,
+        y,
+        test_size=entry["build"]["holdout_fraction"],
+        stratify=y,
+        random_state=entry["build"]["random_state"],
+    )
+    (label,) = _session(entry).run(["label"], {"input": x_test})
+    accuracy = float(np.mean(label == y_test))
+    assert accuracy >= 0.97
+    assert accuracy == pytest.approx(entry["build"]["holdout_accuracy"], abs=1e-6)
+
+
+def test_digits_cnn_is_batch_independent() -> None:
+    """A job may be cut into microtasks of any size: one sample at a time gives the same."""
+    sess = _session(_by_id("digits-cnn"))
+    x, _ = _digits_samples()
+    x = x[:16]
+    label, proba = sess.run(["label", "probabilities"], {"input": x})
+    for i in range(len(x)):
+        one_label, one_proba = sess.run(["label", "probabilities"], {"input": x[i : i + 1]})
+        assert one_label[0] == label[i]
+        np.testing.assert_allclose(one_proba[0], proba[i], rtol=1e-5, atol=1e-6)
 
 
 # vibration-anomaly: the quality targets, checked on simulator seeds the build never used.
