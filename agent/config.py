@@ -7,7 +7,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from protocol import DEFAULT_ROOT, BrokerAddress, check_id
 from protocol.transport import broker_from_setting
@@ -36,8 +36,28 @@ def default_spool_dir(agent_id: str) -> Path | None:
     return Path(state) / "edge-offload" / f"agent-{agent_id}" / "results"
 
 
-# Stands for "default_spool_dir(agent_id)" until __post_init__ knows the agent id.
+def default_model_cache_dir(agent_id: str) -> Path | None:
+    """``$XDG_CACHE_HOME/edge-offload/agent-{id}/models``, ``~/.cache`` when unset.
+
+    None when there is no home directory either (the agent then accepts no deployments).
+    """
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):  # the XDG spec: relative values are invalid, ignore them
+        try:
+            cache = str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory
+            return None
+    return Path(cache) / "edge-offload" / f"agent-{agent_id}" / "models"
+
+
+# Stand for "default_spool_dir(agent_id)" and "default_model_cache_dir(agent_id)" until
+# __post_init__ knows the agent id.
 _DEFAULT_SPOOL_DIR = Path("<per-agent default>")
+_DEFAULT_MODEL_CACHE_DIR = Path("<per-agent default model cache>")
+
+# onnxruntime's GraphOptimizationLevel, by the names an operator writes in a config file.
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+GRAPH_OPTIMIZATIONS: tuple[str, ...] = get_args(GraphOptimization)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +70,10 @@ class AgentConfig:
     slots: int = field(default_factory=lambda: os.cpu_count() or 1)
     labels: dict[str, str] = field(default_factory=dict)
     models_dirs: tuple[Path, ...] = field(default_factory=default_models_dirs)
-    # onnxruntime threads per slot; 1 keeps slots independent and predictable.
+    # onnxruntime intra-op threads per slot; 1 keeps slots independent and predictable.
     threads_per_slot: int = 1
+    # Graph optimisations onnxruntime applies when it creates each model's session.
+    graph_optimization: GraphOptimization = "all"
     # Providers to try, in order of preference; each is probed with a real inference.
     providers: tuple[str, ...] = ()
     heartbeat_s: float = 2.0
@@ -74,11 +96,31 @@ class AgentConfig:
     metrics_host: str = "127.0.0.1"
     spool_max_items: int = 10_000
     spool_max_bytes: int = 256 * 2**20
+    # Models the coordinator deploys over MQTT are kept here (None: accept no deployments),
+    # within this much disk; the least recently used one not in use makes room for a new one.
+    # Models of models_dirs never count against it.
+    model_cache_dir: Path | None = _DEFAULT_MODEL_CACHE_DIR
+    model_cache_bytes: int = 2 * 2**30
+    # A transfer that receives no chunk for this long is dropped, as if aborted.
+    deploy_idle_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         check_id(self.agent_id, "agent id")
         if self.spool_dir is _DEFAULT_SPOOL_DIR:
             object.__setattr__(self, "spool_dir", default_spool_dir(self.agent_id))
+        if self.model_cache_dir is _DEFAULT_MODEL_CACHE_DIR:
+            object.__setattr__(self, "model_cache_dir", default_model_cache_dir(self.agent_id))
+        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise ValueError(
+                f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATIONS)}, "
+                f"not {self.graph_optimization!r}"
+            )
+        if self.model_cache_bytes < 1:
+            raise ValueError("model_cache_bytes must be >= 1")
+        if not self.deploy_idle_timeout_s > 0:
+            raise ValueError("deploy_idle_timeout_s must be > 0")
+        if self.threads_per_slot < 0:
+            raise ValueError("threads_per_slot must be >= 0 (0: onnxruntime's default)")
         if self.spool_max_items < 1 or self.spool_max_bytes < 1:
             raise ValueError("spool_max_items and spool_max_bytes must be >= 1")
         if self.slots < 1:
@@ -89,13 +131,15 @@ class AgentConfig:
             raise ValueError("corrupt_outputs is a fraction between 0 and 1")
 
     def with_(self, **changes: Any) -> AgentConfig:
-        # A new agent id gets its own default spool: two agents must never share one.
-        if (
-            "agent_id" in changes
-            and "spool_dir" not in changes
-            and self.spool_dir == default_spool_dir(self.agent_id)
-        ):
-            changes["spool_dir"] = _DEFAULT_SPOOL_DIR
+        # A new agent id gets its own default spool and model cache: two agents must never
+        # share one.
+        if "agent_id" in changes:
+            if "spool_dir" not in changes and self.spool_dir == default_spool_dir(self.agent_id):
+                changes["spool_dir"] = _DEFAULT_SPOOL_DIR
+            if "model_cache_dir" not in changes and self.model_cache_dir == (
+                default_model_cache_dir(self.agent_id)
+            ):
+                changes["model_cache_dir"] = _DEFAULT_MODEL_CACHE_DIR
         return replace(self, **changes)
 
     @classmethod
@@ -138,10 +182,11 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         out["providers"] = tuple(p for p in out["providers"].split(",") if p)
     elif isinstance(out.get("providers"), list):
         out["providers"] = tuple(out["providers"])
-    if isinstance(out.get("spool_dir"), str):
-        # TOML has no null: an empty value or "none" turns the disk spool off.
-        text = out["spool_dir"].strip()
-        out["spool_dir"] = None if text.lower() in ("", "none") else Path(text)
+    for name in ("spool_dir", "model_cache_dir"):
+        if isinstance(out.get(name), str):
+            # TOML has no null: an empty value or "none" turns the directory off.
+            text = out[name].strip()
+            out[name] = None if text.lower() in ("", "none") else Path(text)
     for name, kind in (
         ("slots", int),
         ("threads_per_slot", int),
@@ -150,13 +195,17 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         ("spool_max_items", int),
         ("metrics_port", int),
         ("spool_max_bytes", int),
+        ("model_cache_bytes", int),
         ("heartbeat_s", float),
         ("slowdown", float),
         ("corrupt_outputs", float),
         ("drain_timeout_s", float),
+        ("deploy_idle_timeout_s", float),
     ):
         if isinstance(out.get(name), str):
             out[name] = kind(out[name])
+    if isinstance(out.get("graph_optimization"), str):
+        out["graph_optimization"] = out["graph_optimization"].strip().lower()
     if isinstance(out.get("benchmark"), str):
         out["benchmark"] = out["benchmark"].lower() in ("1", "true", "yes", "on")
     return out

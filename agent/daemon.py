@@ -23,8 +23,10 @@ import aiomqtt
 import numpy as np
 import onnxruntime as ort
 import psutil
+from prometheus_client.core import CounterMetricFamily
 
-from agent.config import AgentConfig, default_spool_dir
+from agent.config import AgentConfig, default_model_cache_dir, default_spool_dir
+from agent.deploy import DeployStats, ModelCacheDir, ModelReceiver, make_ack
 from agent.providers import usable_providers
 from agent.spool import MemorySpool, ResultSpool
 from agent.store import ModelStore
@@ -36,6 +38,11 @@ from protocol import (
     Encoding,
     ErrorInfo,
     Heartbeat,
+    ModelAck,
+    ModelCache,
+    ModelChunk,
+    ModelError,
+    ModelOffer,
     OffloadError,
     ProtocolError,
     RunTask,
@@ -46,6 +53,7 @@ from protocol import (
     encode_arrays,
     is_binary,
     new_seq,
+    parse_model_message,
     parse_task,
 )
 from protocol.metrics import Metric, MetricsEndpoint, counter, gauge
@@ -89,6 +97,8 @@ class AgentStats:
     # unreachable, and results dropped because that spool was full or unwritable.
     spooled: int = 0
     spool_dropped: int = 0
+    # Models deployed over MQTT: transfers, chunks, evictions.
+    deploy: DeployStats = field(default_factory=DeployStats)
 
 
 class Agent:
@@ -97,14 +107,22 @@ class Agent:
     Entering the context probes execution providers, loads and benchmarks the installed
     models (off the event loop), then connects and publishes the birth. Microtasks run in a
     thread pool of ``config.slots`` workers; onnxruntime releases the GIL while it computes.
+    With a ``config.model_cache_dir``, models deployed over MQTT are received on the
+    ``models`` topic (see :mod:`agent.deploy`), kept there and loaded again at the next start.
     """
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.topics = Topics(config.root)
         self._tasks_topic = self.topics.tasks(config.agent_id)
+        self._models_topic = self.topics.models(config.agent_id)
         self.stats = AgentStats()
         self._store: ModelStore | None = None
+        # Deployed models (None: this agent accepts none); the receiver needs the loop.
+        self._cache: ModelCacheDir | None = None
+        self._receiver: ModelReceiver | None = None
+        # Microtasks waiting for the model file (by sha256) being received right now.
+        self._held_for: dict[str, list[_Active]] = {}
         self._capabilities: Capabilities | None = None
         # Microtasks go to ``slots`` worker threads through a priority queue (work with a
         # deadline first, earliest first; then by priority; then in arrival order);
@@ -140,7 +158,7 @@ class Agent:
         self._link = Link(
             address=config.broker,
             client_id=f"agent-{config.agent_id}",
-            subscriptions=[(self._tasks_topic, 1)],
+            subscriptions=[(self._tasks_topic, 1), (self._models_topic, 1)],
             on_message=self._on_message,
             on_connect=self._on_connect,
             will=self._will,
@@ -158,6 +176,22 @@ class Agent:
         ]
         for w in self._workers:
             w.start()
+        if self._cache is not None:
+            assert self._store is not None
+            self._receiver = ModelReceiver(
+                agent_id=self.config.agent_id,
+                cache=self._cache,
+                store=self._store,
+                budget_bytes=self.config.model_cache_bytes,
+                idle_timeout_s=self.config.deploy_idle_timeout_s,
+                stats=self.stats.deploy,
+                send_ack=self._send_ack,
+                on_finished=self._transfer_finished,
+                on_models_changed=self._models_changed,
+                in_use=self._models_in_use,
+                benchmark=self.config.benchmark,
+                slowdown=self.config.slowdown,
+            )
         if self.config.metrics_port is not None:
             self.metrics.start(self.config.metrics_host, self.config.metrics_port)
         self._tasks = [
@@ -175,6 +209,10 @@ class Agent:
         await cancel_and_wait(self._tasks)
         self._tasks = []
         self.metrics.stop()
+        if self._receiver is not None:
+            await self._receiver.close()  # also releases the cache directory
+        elif self._cache is not None:
+            self._cache.close()
         if self._workers:
             for a in self._active.values():
                 a.cancelled.set()
@@ -223,6 +261,9 @@ class Agent:
         """
         timeout = self.config.drain_timeout_s if timeout is None else timeout
         self._draining = True
+        # Microtasks waiting for a model transfer could wait past the drain: hand them back.
+        for sha in list(self._held_for):
+            self._release_held(sha, ("draining", "agent is draining; run this elsewhere"))
         logger.info("agent %s draining %d microtasks", self.config.agent_id, len(self._active))
         self._publish_heartbeat()
         try:
@@ -248,9 +289,16 @@ class Agent:
         cfg = self.config
         providers = usable_providers(cfg.providers)
         self._store = ModelStore(
-            cfg.models_dirs, providers=providers, threads_per_slot=cfg.threads_per_slot
+            cfg.models_dirs,
+            providers=providers,
+            threads_per_slot=cfg.threads_per_slot,
+            graph_optimization=cfg.graph_optimization,
         )
         self._store.load_all()
+        # Deployed models load after the zoo: a deployed version of a zoo model wins.
+        self._cache = self._open_cache()
+        if self._cache is not None:
+            self._cache.load_into(self._store, cfg.model_cache_bytes)
         if cfg.benchmark:
             self._store.benchmark(slowdown=cfg.slowdown)
         freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
@@ -271,20 +319,50 @@ class Agent:
             models=self._store.infos(),
             slowdown=cfg.slowdown,
             encodings=list(ENCODINGS),
+            model_cache=self._model_cache_info(),
         )
         psutil.cpu_percent(interval=None)  # prime: the first call always returns 0.0
         if cfg.spool_dir is not None:
-            # Opened last, so a failure above leaves no directory lock behind.
+            # Opened last, so a failure above leaves no directory lock behind but the
+            # cache's, released here.
             try:
                 self._spool = ResultSpool(cfg.spool_dir, cfg.spool_max_items, cfg.spool_max_bytes)
             except OSError as e:
                 if cfg.spool_dir != default_spool_dir(cfg.agent_id):
+                    if self._cache is not None:
+                        self._cache.close()
                     raise  # a directory the operator chose must work
                 # The default may be unwritable (read-only home on a device): run as before.
                 logger.warning("results wait in memory: cannot use %s: %s", cfg.spool_dir, e)
+            except BaseException:
+                if self._cache is not None:
+                    self._cache.close()
+                raise
             kept = self._spool.keys()
             for key in kept:
                 self._remember(key)  # answered already: a redelivery must not run it again
+
+    def _open_cache(self) -> ModelCacheDir | None:
+        cfg = self.config
+        if cfg.model_cache_dir is None:
+            return None
+        try:
+            return ModelCacheDir(cfg.model_cache_dir)
+        except OSError as e:
+            if cfg.model_cache_dir != default_model_cache_dir(cfg.agent_id):
+                raise  # a directory the operator chose must work
+            # The default may be unwritable (read-only home on a device): run without.
+            logger.warning(
+                "accepting no model deployments: cannot use %s: %s", cfg.model_cache_dir, e
+            )
+            return None
+
+    def _model_cache_info(self) -> ModelCache | None:
+        if self._cache is None:
+            return None
+        return ModelCache(
+            budget_bytes=self.config.model_cache_bytes, used_bytes=self._cache.used_bytes
+        )
 
     # -- MQTT -----------------------------------------------------------------------------------
     def _state(self, *, online: bool, reason: str | None = None) -> AgentState:
@@ -341,7 +419,10 @@ class Agent:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         # Brokers are not always right about routing (amqtt 0.12 replays other clients'
-        # retained messages on connect): only the agent's own tasks topic is obeyed.
+        # retained messages on connect): only the agent's own topics are obeyed.
+        if topic == self._models_topic:
+            self._on_model_message(payload)
+            return
         if topic != self._tasks_topic:
             self.stats.misrouted += 1
             return
@@ -365,6 +446,100 @@ class Agent:
         else:
             self._accept(msg, received, "binary" if is_binary(payload) else "json")
 
+    # -- model deployment -----------------------------------------------------------------------
+    def _on_model_message(self, payload: bytes) -> None:
+        stats = self.stats.deploy
+        if len(payload) > self.config.max_payload_bytes:
+            stats.rejected += 1
+            logger.warning(
+                "model message of %d bytes refused (limit %d)",
+                len(payload),
+                self.config.max_payload_bytes,
+            )
+            return
+        try:
+            msg = parse_model_message(payload)
+        except ProtocolError as e:
+            stats.rejected += 1
+            logger.warning("malformed model message refused: %s", e)
+            return
+        if isinstance(msg, ModelOffer) and (self._receiver is None or self._draining):
+            stats.offers += 1
+            code: Any = "draining" if self._draining else "no_room"
+            why = "agent is draining" if self._draining else "this agent accepts no deployments"
+            stats.refused[code] = stats.refused.get(code, 0) + 1
+            self._send_ack(
+                make_ack(
+                    self.config.agent_id,
+                    msg.transfer_id,
+                    msg.model.sha256,
+                    "refused",
+                    code=code,
+                    message=why,
+                )
+            )
+            return
+        if self._receiver is None:
+            stats.chunks_ignored += isinstance(msg, ModelChunk)
+            return
+        self._receiver.handle(msg)
+
+    def _send_ack(self, ack: ModelAck) -> None:
+        # Lost when disconnected: the coordinator's go-back-N resends, and the next ack
+        # tells it where the transfer stands.
+        self._link.publish_nowait(self.topics.deploys(self.config.agent_id), ack.to_json(), qos=1)
+
+    def _models_in_use(self) -> set[str]:
+        """Models of microtasks queued, running or held: never evicted."""
+        return {a.task.model for a in self._active.values()}
+
+    def _models_changed(self) -> None:
+        """A model was installed or evicted: advertise the new set in a new birth."""
+        assert self._store is not None
+        self._capabilities = self.capabilities.model_copy(
+            update={"models": self._store.infos(), "model_cache": self._model_cache_info()}
+        )
+        # Same seq as this connection's birth: the birth is replaced, the connection is not.
+        self._link.publish_nowait(
+            self.topics.state(self.config.agent_id),
+            self._state(online=True).to_json(),
+            qos=1,
+            retain=True,
+        )
+
+    def _transfer_finished(self, sha256: str, error: ErrorInfo | None) -> None:
+        """A transfer ended: run the microtasks held for its file, or answer them."""
+        if error is None:
+            self._release_held(sha256, None)
+        else:
+            why = f"model file {sha256[:12]} was not installed: {error.message}"
+            self._release_held(sha256, ("unknown_model", why))
+
+    def _release_held(self, sha256: str, refusal: tuple[Any, str] | None) -> None:
+        for active in self._held_for.pop(sha256, []):
+            if active.cancelled.is_set():
+                self._active.pop(active.key, None)
+            elif refusal is None:
+                self._enqueue(active)  # the worker checks the installed sha256 again
+            else:
+                self._active.pop(active.key, None)
+                self._reply_error(active.task, *refusal)
+        if not self._active:
+            self._idle.set()
+
+    def _sha_mismatch(self, task: RunTask) -> str | None:
+        """Why ``task`` cannot run on the installed version of its model, or None."""
+        assert self._store is not None
+        want = task.model_sha256
+        model = self._store.find(task.model)
+        have = model.info.sha256 if model is not None else None
+        if want is None or want == have:
+            return None
+        return (
+            f"model {task.model!r} with sha256 {want[:12]} is not installed "
+            f"(installed: {have[:12] if have else 'none'})"
+        )
+
     # -- execution ------------------------------------------------------------------------------
     def _accept(self, task: RunTask, received: float, encoding: Encoding = "json") -> None:
         key = (task.task_id, task.attempt)
@@ -380,9 +555,25 @@ class Agent:
         if len(self._active) >= self.config.slots + self.config.queue_limit:
             self._reply_error(task, "no_capacity", "agent queue is full")
             return
+        held = False
+        if (mismatch := self._sha_mismatch(task)) is not None:
+            assert task.model_sha256 is not None
+            receiver = self._receiver
+            if receiver is None or not receiver.receiving(task.model_sha256, task.model):
+                self._reply_error(task, "unknown_model", mismatch)
+                return
+            held = True  # its model is on the way: run it once installed
         active = _Active(task=task, received=received, encoding=encoding)
         self._active[key] = active
         self._idle.clear()
+        if held:
+            assert task.model_sha256 is not None
+            self._held_for.setdefault(task.model_sha256, []).append(active)
+        else:
+            self._enqueue(active)
+
+    def _enqueue(self, active: _Active) -> None:
+        task = active.task
         deadline = task.deadline if task.deadline is not None else math.inf
         self._work.put((deadline, -task.priority, next(self._order), active))
 
@@ -399,6 +590,13 @@ class Agent:
         active.cancelled.set()  # a queued task is skipped by its worker
         active.run_options.terminate = True  # a running onnxruntime call stops
         self.stats.cancelled += 1
+        sha = active.task.model_sha256
+        if sha is not None and active in self._held_for.get(sha, ()):
+            # No worker will see it: forget it now.
+            self._held_for[sha].remove(active)
+            self._active.pop(active.key, None)
+            if not self._active:
+                self._idle.set()
 
     def _execute(self, active: _Active) -> bytes:
         """Run one microtask in a worker thread; always returns an encoded TaskResult."""
@@ -414,6 +612,9 @@ class Agent:
                 raise OffloadError("cancelled", code="draining")
             assert self._store is not None
             model = self._store.get(task.model)
+            if task.model_sha256 is not None and model.info.sha256 != task.model_sha256:
+                # Replaced by another version since the microtask was accepted.
+                raise ModelError(self._sha_mismatch(task) or "", code="unknown_model")
             feeds = decode_tensors(task.inputs)
             model.check_inputs(feeds)
             t0 = time.perf_counter()
@@ -551,6 +752,43 @@ class Agent:
             "1 while connected to the broker",
             values=int(self._link.connected.is_set()),
         )
+        yield from self._deploy_metrics()
+
+    def _deploy_metrics(self) -> Iterator[Metric]:
+        d = self.stats.deploy
+        outcomes = {"installed": d.installed, "aborted": d.aborted, "timed_out": d.timed_out}
+        outcomes.update({f"refused_{code}": n for code, n in dict(d.refused).items()})
+        yield counter(
+            "edge_offload_agent_model_deploys",
+            "Model transfers to this agent that ended, by outcome",
+            "outcome",
+            outcomes,
+        )
+        yield counter(
+            "edge_offload_agent_model_chunks",
+            "Model transfer chunks received, by what became of them",
+            "event",
+            {
+                "written": d.chunks,
+                "refused_corrupt": d.chunks_refused,
+                "duplicate": d.chunks_duplicate,
+                "out_of_order": d.chunks_out_of_order,
+                "ignored": d.chunks_ignored,
+            },
+        )
+        for name, doc, value in (
+            ("received_bytes", "Chunk data received for model transfers", d.bytes_received),
+            ("evictions", "Deployed models evicted to make room for others", d.evictions),
+            ("messages_rejected", "Malformed or oversized models-topic messages", d.rejected),
+        ):
+            yield CounterMetricFamily(f"edge_offload_agent_model_{name}", doc, value=value)
+        if (cache := self._model_cache_info()) is not None:
+            yield gauge(
+                "edge_offload_agent_model_cache_bytes",
+                "Disk of the deployed-model cache",
+                ["kind"],
+                {("used",): cache.used_bytes, ("budget",): cache.budget_bytes},
+            )
 
     # -- heartbeats -----------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:

@@ -55,7 +55,7 @@ class ResultSpool:
         self._index: dict[str, tuple[tuple[str, int], int]] = {}  # name -> (key, size)
         self._bytes = 0
         directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(directory)
+        self._lock_fd = lock_directory(directory, "result spool")
         self._next = self._load()
 
     def __len__(self) -> int:
@@ -221,8 +221,11 @@ def _read(path: Path, *, with_payload: bool) -> tuple[str, tuple[str, int], byte
     return topic, (task_id, attempt), payload, size
 
 
-def _lock(directory: Path) -> int | None:
-    """Hold an exclusive lock on ``directory`` for as long as the returned descriptor is open."""
+def lock_directory(directory: Path, what: str) -> int | None:
+    """Hold an exclusive lock on ``directory`` for as long as the returned descriptor is open.
+
+    ``what`` names the directory's use in the error raised when another process holds it.
+    """
     if sys.platform == "win32":  # no flock; one agent per directory is up to the operator
         return None
     import fcntl
@@ -233,6 +236,6 @@ def _lock(directory: Path) -> int | None:
     except OSError:
         os.close(fd)
         raise RuntimeError(
-            f"result spool {directory} is in use by another process (an agent with the same id?)"
+            f"{what} {directory} is in use by another process (an agent with the same id?)"
         ) from None
     return fd

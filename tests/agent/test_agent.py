@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from protocol import (
     connect_options,
     encode_arrays,
 )
-from tests.conftest import wait_until
+from tests.conftest import MODELS, wait_until
 
 
 def run_task(
@@ -94,7 +95,8 @@ async def test_birth_is_retained_and_the_last_will_carries_the_same_seq(
         caps = birth.capabilities
         assert caps.slots == 2 and caps.labels == {"site": "s1"}
         assert "CPUExecutionProvider" in caps.providers
-        assert sorted(m.id for m in caps.models) == ["digits-mlp", "vibration-anomaly"]
+        manifest = json.loads((MODELS / "manifest.json").read_text())
+        assert sorted(m.id for m in caps.models) == sorted(e["id"] for e in manifest["models"])
         for m in caps.models:
             assert len(m.sha256) == 64 and (m.ms_per_sample() or 0) > 0
         proc.kill()  # SIGKILL: the broker publishes the Last Will
