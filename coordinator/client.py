@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
 import aiomqtt
@@ -148,10 +148,17 @@ class OffloadClient:
         on_status: StatusCallback | None = None,
         redundancy: int = 1,
         tolerance: float = 0.0,
+        whole: Collection[str] = (),
+        require_providers: Collection[str] = (),
+        prefer_providers: Collection[str] = (),
     ) -> JobHandle:
         """Submit an inference job; ``inputs`` is one array (for single-input models) or
-        a mapping of input name to array, split along axis 0. ``redundancy=k`` runs every
-        microtask on k distinct agents and keeps the majority's outputs."""
+        a mapping of input name to array, split along the model's batch axis, except the
+        inputs named in ``whole``, which go unchanged with every microtask (for a model
+        without a batch axis, split inputs lead with an item axis: one item per microtask,
+        outputs per item in ``JobOutput.parts``). ``redundancy=k`` runs every microtask on
+        k distinct agents and keeps the majority's outputs. ``require_providers`` (any of
+        them) and ``prefer_providers`` choose agents by their probed execution providers."""
         if isinstance(inputs, np.ndarray):
             inputs = {"input": inputs}
         self._counter += 1
@@ -168,6 +175,9 @@ class OffloadClient:
                 "priority": priority,
                 "redundancy": redundancy,
                 "tolerance": tolerance,
+                "whole": list(whole),
+                "require_providers": list(require_providers),
+                "prefer_providers": list(prefer_providers),
                 "client_id": self.client_id,
                 "result_encoding": "binary" if big else "json",
             }
@@ -384,7 +394,10 @@ class OffloadClient:
             return
         if result.ok:
             outputs = decode_tensors(result.outputs)
-            future.set_result(JobOutput(job_id=result.job_id, outputs=outputs, result=result))
+            parts = [decode_tensors(p) for p in result.parts]
+            future.set_result(
+                JobOutput(job_id=result.job_id, outputs=outputs, result=result, parts=parts)
+            )
         else:
             future.set_exception(ErrorInfo.job_error(result.error, result.job_id))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,11 +13,16 @@ from protocol import JobResult
 
 @dataclass(frozen=True)
 class JobOutput:
-    """A finished job: outputs in input order, plus the coordinator's summary."""
+    """A finished job: outputs in input order, plus the coordinator's summary.
+
+    For a model without a batch axis, ``parts`` holds each item's outputs in input order
+    and ``outputs`` is empty.
+    """
 
     job_id: str
     outputs: dict[str, np.ndarray[Any, Any]]
     result: JobResult
+    parts: list[dict[str, np.ndarray[Any, Any]]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
         return self.outputs[name]

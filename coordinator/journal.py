@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     batch_size INTEGER NOT NULL,
     policy TEXT NOT NULL,
     submitted REAL NOT NULL,     -- wall clock
-    finished INTEGER NOT NULL DEFAULT 0
+    finished INTEGER NOT NULL DEFAULT 0,
+    batch_axis INTEGER DEFAULT 0 -- the model's; NULL: none (one item per microtask)
 );
 CREATE TABLE IF NOT EXISTS tasks (
     job_id TEXT NOT NULL,
@@ -83,6 +84,9 @@ class Recovered:
     policy: str
     attempts: dict[int, tuple[int, int]]  # index -> (attempt, charged)
     results: dict[int, tuple[str, dict[str, np.ndarray[Any, Any]]]]  # unit -> (agent, outputs)
+    # How the job was split: the model's batch axis when it was submitted (the agents
+    # that report the model may not be back yet when the job is resumed).
+    batch_axis: int | None = 0
 
 
 class Journal:
@@ -101,6 +105,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "batch_axis" not in columns:  # a journal from before models without axis 0
+            self._db.execute("ALTER TABLE jobs ADD COLUMN batch_axis INTEGER DEFAULT 0")
         # How many coordinators have opened this journal, this one included; committed at
         # once, so every incarnation numbers its attempts in a range of its own.
         row = self._db.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
@@ -123,7 +130,14 @@ class Journal:
         if not spec.inputs:
             spec = spec.model_copy(update={"inputs": encode_arrays(job.arrays)})
         self._jobs.append(
-            (job.job_id, encode(spec, "binary"), job.batch_size, job.policy, time.time())
+            (
+                job.job_id,
+                encode(spec, "binary"),
+                job.batch_size,
+                job.policy,
+                time.time(),
+                job.batch_axis,
+            )
         )
         for t in job.tasks:
             self._tasks[(job.job_id, t.index)] = (t.attempt, t.charged)
@@ -160,8 +174,8 @@ class Journal:
         db.execute("BEGIN")
         try:
             db.executemany(
-                "INSERT OR REPLACE INTO jobs (job_id, spec, batch_size, policy, submitted) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO jobs (job_id, spec, batch_size, policy, submitted, "
+                "batch_axis) VALUES (?, ?, ?, ?, ?, ?)",
                 self._jobs,
             )
             db.executemany(
@@ -224,10 +238,10 @@ class Journal:
         """Every job not finished when the journal was last committed, in submission order."""
         out = []
         rows = self._db.execute(
-            "SELECT job_id, spec, batch_size, policy FROM jobs WHERE finished = 0 "
+            "SELECT job_id, spec, batch_size, policy, batch_axis FROM jobs WHERE finished = 0 "
             "ORDER BY submitted"
         ).fetchall()
-        for job_id, spec_frame, batch_size, policy in rows:
+        for job_id, spec_frame, batch_size, policy, batch_axis in rows:
             spec = InferenceJob.model_validate(unframe(spec_frame), strict=True)
             attempts = {
                 idx: (attempt, charged)
@@ -249,6 +263,7 @@ class Journal:
                     policy=policy,
                     attempts=attempts,
                     results=results,
+                    batch_axis=batch_axis,
                 )
             )
         return out

@@ -137,7 +137,17 @@ class Job:
     # with ``exclude`` they get no more of this job's work.
     disagreements: Counter[str] = field(default_factory=Counter)
     excluded: set[str] = field(default_factory=set)
+    # The model's batch axis (ModelInfo.batch_axis): split inputs are sliced along it and
+    # outputs concatenated along it. None: split inputs lead with an item axis, each
+    # microtask runs one item, and outputs are kept per item (:meth:`per_item`).
+    batch_axis: int | None = 0
+    # Payload of a microtask: bytes per sample of the split inputs, plus the inputs sent
+    # whole (``spec.whole``), encoded once for the whole job.
     bytes_per_sample: int = 0
+    whole_inputs: dict[str, Tensor] = field(default_factory=dict)
+    whole_bytes: int = 0
+    # False when every input is whole: one microtask, whose outputs have no known rows.
+    has_split: bool = True
     # In-process submitters wait on this; MQTT submitters get the result topic instead.
     future: asyncio.Future[JobOutput] | None = None
     publish_result: bool = True
@@ -204,9 +214,21 @@ class Job:
             return "done" if self.finished_ok else "failed"
         return "running" if len(self.pending) < len(self.tasks) else "accepted"
 
+    @property
+    def split_axis(self) -> int:
+        """The axis split inputs are sliced along: the batch axis, or the item axis."""
+        return 0 if self.batch_axis is None else self.batch_axis
+
     def split(self) -> None:
-        n = next(iter(self.arrays.values())).shape[0]
-        self.bytes_per_sample = sum(a[:1].nbytes for a in self.arrays.values())
+        whole = set(self.spec.whole)
+        split = [a for name, a in self.arrays.items() if name not in whole]
+        self.whole_inputs = {
+            name: Tensor.from_array(a) for name, a in self.arrays.items() if name in whole
+        }
+        self.whole_bytes = sum(t.nbytes for t in self.whole_inputs.values())
+        self.has_split = bool(split)
+        n = split[0].shape[self.split_axis] if split else 1
+        self.bytes_per_sample = sum(a.nbytes for a in split) // max(n, 1)
         for unit, start in enumerate(range(0, n, self.batch_size)):
             self.units.append([])
             for _ in range(self.redundancy):
@@ -235,18 +257,45 @@ class Job:
     def live_copies(self, unit: int) -> list[Microtask]:
         return [t for t in self.units[unit] if t.state in (TaskState.PENDING, TaskState.RUNNING)]
 
-    def inputs_for(self, task: Microtask) -> dict[str, Tensor]:
-        return {
-            name: Tensor.from_array(a[task.start : task.stop]) for name, a in self.arrays.items()
-        }
+    def payload_bytes(self, task: Microtask) -> int:
+        """Input bytes a microtask carries: its slice of the split inputs, and the whole ones."""
+        return task.samples * self.bytes_per_sample + self.whole_bytes
 
-    def assemble(self) -> dict[str, np.ndarray[Any, Any]]:
-        """Outputs of all microtasks concatenated along the batch axis, in input order."""
+    def inputs_for(self, task: Microtask) -> dict[str, Tensor]:
+        if self.batch_axis is None:
+            # One item per microtask (batch_size is 1): the item axis goes.
+            index: tuple[int | slice, ...] = (task.start,)
+        else:
+            index = (*[slice(None)] * self.batch_axis, slice(task.start, task.stop))
+        sliced = {
+            name: Tensor.from_array(a[index])
+            for name, a in self.arrays.items()
+            if name not in self.spec.whole
+        }
+        return sliced | self.whole_inputs
+
+    def _accepted(self) -> list[dict[str, np.ndarray[Any, Any]]]:
         parts = [p for p in self.outputs if p is not None]
         if len(parts) != len(self.units):
             raise RuntimeError(f"job {self.job_id}: {len(self.units) - len(parts)} parts missing")
+        return parts
+
+    def assemble(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Outputs of all microtasks concatenated along the batch axis, in input order
+        (none for a model without a batch axis: see :meth:`per_item`)."""
+        if self.batch_axis is None:
+            return {}
+        parts = self._accepted()
+        if len(parts) == 1:  # nothing to join (and a job of whole inputs may give 0-d outputs)
+            return dict(parts[0])
         names = list(parts[0]) if parts else []
-        return {name: np.concatenate([p[name] for p in parts], axis=0) for name in names}
+        return {
+            name: np.concatenate([p[name] for p in parts], axis=self.batch_axis) for name in names
+        }
+
+    def per_item(self) -> list[dict[str, np.ndarray[Any, Any]]]:
+        """Each item's outputs in input order, for a model without a batch axis (else none)."""
+        return self._accepted() if self.batch_axis is None else []
 
 
 class Ledger:
@@ -308,6 +357,7 @@ class Ledger:
         """Mark ``job`` finished (done or failed); returns when."""
         job.finished = time.monotonic()
         self.active.pop(job.job_id, None)
+        job.whole_inputs = {}  # nothing is dispatched any more
         if (journal := self._journal(job)) is not None:
             journal.job_finished(job)
         return job.finished
@@ -334,6 +384,7 @@ class Ledger:
                 else now + max(task.job.deadline - task.dispatched_at, 0.0)
             ),
             priority=task.job.spec.priority,
+            model_sha256=task.job.model_sha256,
         )
 
     def _run(

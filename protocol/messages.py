@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import (
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from protocol._base import Message, summarize
 from protocol.errors import ErrorCode, JobError, ModelError, ProtocolError
@@ -52,6 +60,18 @@ class TensorSpec(Message):
     shape: list[int | None]
 
 
+def _fits(spec: Sequence[int | None], shape: tuple[int, ...]) -> bool:
+    """``shape`` has the spec's rank and its fixed dims (``None`` matches any size)."""
+    return len(shape) == len(spec) and all(
+        e is None or e == d for e, d in zip(spec, shape, strict=True)
+    )
+
+
+def _show(spec: Sequence[int | None]) -> list[int | str]:
+    """A spec's shape for people: "?" for a dynamic axis."""
+    return ["?" if e is None else e for e in spec]
+
+
 class ModelInfo(Message):
     """A model installed on an agent, with its measured cost."""
 
@@ -66,35 +86,156 @@ class ModelInfo(Message):
     # can fit a fixed per-call overhead plus a per-sample cost.
     cost: Annotated[list[tuple[Batch, CallMs]], Field(max_length=64)] = []
 
+    @model_serializer(mode="wrap")
+    def _keep_no_batch_axis(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Messages go out with exclude_none, which would drop ``batch_axis: null`` and let
+        # the receiver read the default, 0: a model without a batch axis would be split.
+        data = handler(self)
+        if self.batch_axis is None and isinstance(data, dict):
+            data["batch_axis"] = None
+        return data
+
     def check_inputs(self, inputs: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
         """Raise :class:`ModelError` naming the first input whose name, dtype or shape is wrong.
 
         ``inputs`` maps input name to ``(dtype, shape)``; ``None`` in a spec's shape matches any.
         """
         expected = {s.name: s for s in self.inputs}
-        missing = sorted(expected.keys() - inputs.keys())
-        extra = sorted(inputs.keys() - expected.keys())
+        self._check_names(inputs)
+        for name, (dtype, shape) in inputs.items():
+            spec = expected[name]
+            self._check_dtype(spec, dtype)
+            if not _fits(spec.shape, shape):
+                want = ["N" if e is None else e for e in spec.shape]
+                raise ModelError(
+                    f"model {self.id} input {name!r}: expected shape {want}, got {list(shape)}",
+                    code="bad_input",
+                )
+
+    def check_job(
+        self,
+        inputs: Mapping[str, tuple[str, tuple[int, ...]]],
+        whole: Collection[str] = (),
+    ) -> int:
+        """Check a whole job's inputs against the signature; return its samples (or items).
+
+        ``inputs`` maps input name to ``(dtype, shape)``. Inputs named in ``whole`` go
+        unchanged with every microtask and must match their spec as it is (0-d included).
+        The others are split: with a batch axis k they hold N samples along k; without
+        one (``batch_axis`` None) they hold one extra leading axis of N items, one item
+        per microtask. A job whose inputs are all whole is one microtask (1 is returned).
+        Raises :class:`ModelError` (``bad_input``) naming the input and what was expected.
+        """
+        expected = {s.name: s for s in self.inputs}
+        whole = frozenset(whole)
+        unknown = sorted(whole - expected.keys())
+        if unknown:
+            raise ModelError(
+                f"model {self.id}: whole inputs {unknown} are not inputs of the model, "
+                f"which takes {sorted(expected)}",
+                code="bad_input",
+            )
+        self._check_names(inputs)
+        axis = self.batch_axis
+        unit = "items" if axis is None else "samples"
+        counts: dict[str, int] = {}
+        for spec in self.inputs:  # in the model's order, so errors are reproducible
+            name = spec.name
+            dtype, shape = inputs[name]
+            self._check_dtype(spec, dtype)
+            if name in whole:
+                if not _fits(spec.shape, shape):
+                    raise self._shape_error(
+                        name, _show(spec.shape), shape, "passed whole to every microtask"
+                    )
+            elif axis is None:
+                if not shape or not _fits(spec.shape, shape[1:]):
+                    want = ["N", *_show(spec.shape)]
+                    raise self._shape_error(name, want, shape, "N items, one per microtask")
+                counts[name] = shape[0]
+            elif len(spec.shape) <= axis:
+                raise ModelError(
+                    f"model {self.id} input {name!r} has shape {_show(spec.shape)}, without "
+                    f"the batch axis {axis} to split it along: pass it whole",
+                    code="bad_input",
+                )
+            else:
+                batchless = [*spec.shape[:axis], None, *spec.shape[axis + 1 :]]
+                if not _fits(batchless, shape):
+                    want = _show(spec.shape)
+                    want[axis] = "N"
+                    raise self._shape_error(name, want, shape, f"N samples along axis {axis}")
+                counts[name] = shape[axis]
+        if not counts:
+            return 1
+        first, n = next(iter(counts.items()))
+        for name, got in counts.items():
+            if got != n:
+                where = "along the leading axis" if axis is None else f"along axis {axis}"
+                raise ModelError(
+                    f"model {self.id} input {name!r}: expected {n} {unit} {where}, as input "
+                    f"{first!r} has, got {got}",
+                    code="bad_input",
+                )
+        if n == 0:
+            raise ModelError(
+                f"model {self.id} input {first!r}: expected at least one {unit[:-1]}, got 0",
+                code="bad_input",
+            )
+        fixed = self.fixed_batch(whole)
+        if fixed is not None and n % fixed:
+            raise ModelError(
+                f"model {self.id} input {first!r}: the model takes exactly {fixed} samples "
+                f"per call along axis {axis}, so the job's {n} samples must be a multiple "
+                f"of {fixed}",
+                code="bad_input",
+            )
+        return n
+
+    def fixed_batch(self, whole: Collection[str] = ()) -> int | None:
+        """The batch size the model was exported with (a fixed dim at the batch axis of a
+        split input), which every microtask must then carry; None when it is dynamic."""
+        axis = self.batch_axis
+        if axis is None:
+            return None
+        dims = {
+            d
+            for s in self.inputs
+            if s.name not in whole and len(s.shape) > axis and (d := s.shape[axis]) is not None
+        }
+        if len(dims) > 1:
+            raise ModelError(
+                f"model {self.id}: split inputs declare different batch sizes {sorted(dims)} "
+                f"at axis {axis}",
+                code="bad_input",
+            )
+        return dims.pop() if dims else None
+
+    def _check_names(self, inputs: Mapping[str, object]) -> None:
+        expected = {s.name for s in self.inputs}
+        missing = sorted(expected - inputs.keys())
+        extra = sorted(inputs.keys() - expected)
         if missing or extra:
             raise ModelError(
                 f"model {self.id} takes inputs {sorted(expected)}; "
                 f"missing {missing}, unexpected {extra}",
                 code="bad_input",
             )
-        for name, (dtype, shape) in inputs.items():
-            spec = expected[name]
-            if dtype != spec.dtype:
-                raise ModelError(
-                    f"model {self.id} input {name!r}: expected dtype {spec.dtype}, got {dtype}",
-                    code="bad_input",
-                )
-            if len(shape) != len(spec.shape) or any(
-                e is not None and e != d for e, d in zip(spec.shape, shape, strict=True)
-            ):
-                want = ["N" if e is None else e for e in spec.shape]
-                raise ModelError(
-                    f"model {self.id} input {name!r}: expected shape {want}, got {list(shape)}",
-                    code="bad_input",
-                )
+
+    def _check_dtype(self, spec: TensorSpec, dtype: str) -> None:
+        if dtype != spec.dtype:
+            raise ModelError(
+                f"model {self.id} input {spec.name!r}: expected dtype {spec.dtype}, got {dtype}",
+                code="bad_input",
+            )
+
+    def _shape_error(
+        self, name: str, want: list[int | str], got: tuple[int, ...], note: str
+    ) -> ModelError:
+        return ModelError(
+            f"model {self.id} input {name!r}: expected shape {want}, got {list(got)} ({note})",
+            code="bad_input",
+        )
 
     def ms_per_sample(self) -> float | None:
         """Marginal cost per sample from the largest benchmarked batch."""
@@ -305,12 +446,21 @@ class ModelAck(Envelope):
 
 
 class InferenceJob(Envelope):
-    """Run ``model`` over N samples; inputs are split along axis 0 into microtasks."""
+    """Run ``model`` over N samples, split into microtasks.
+
+    Inputs are split along the model's batch axis (``ModelInfo.batch_axis``, usually 0),
+    except those named in ``whole``, which go unchanged with every microtask (state
+    tensors, sample rates, lookup tables). For a model without a batch axis, every split
+    input holds one extra leading axis of N items, and each microtask runs one item.
+    """
 
     type: Literal["inference"] = "inference"
     job_id: Id
     model: Id
     inputs: dict[str, Tensor]
+    whole: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=512)]], Field(max_length=1024)
+    ] = []
     # Samples per microtask; chosen from the fleet's measured speed when omitted.
     batch_size: Annotated[int, Field(ge=1)] | None = None
     policy: Literal["earliest_finish", "least_loaded", "round_robin"] | None = None
@@ -355,13 +505,17 @@ class AgentShare(Message):
 
 
 class JobResult(Envelope):
-    """Final outcome of a job on ``jobs/{id}/result``: outputs in input order, or the error."""
+    """Final outcome of a job on ``jobs/{id}/result``: outputs in input order (or ``parts``),
+    or the error."""
 
     type: Literal["job_result"] = "job_result"
     job_id: Id
     ok: bool
     model: str | None = None
     outputs: dict[str, Tensor] = {}
+    # For a model without a batch axis: each item's outputs, in input order (their shapes
+    # may differ from item to item, so they are not concatenated into ``outputs``).
+    parts: list[dict[str, Tensor]] = []
     error: ErrorInfo | None = None
     samples: Count = 0
     tasks: Count = 0

@@ -84,7 +84,8 @@ class Tensor(Message):
         name = array.dtype.name
         if name not in _NP:
             raise ProtocolError(f"dtype {name} is not supported on the wire", code="bad_input")
-        wire = np.ascontiguousarray(array, dtype=_NP[name])
+        # Not np.ascontiguousarray: it makes a 0-d array (a sample rate, a scalar output) 1-d.
+        wire = np.asarray(array, dtype=_NP[name], order="C")
         return cls.model_construct(dtype=name, shape=tuple(wire.shape), data=wire.tobytes())
 
     def to_array(self) -> np.ndarray[Any, Any]:
