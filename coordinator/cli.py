@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import aiomqtt
 import numpy as np
 
-from coordinator import cli_monitor
+from coordinator import cli_models, cli_monitor
 from protocol import (
     DEFAULT_ROOT,
     AgentState,
@@ -49,6 +49,21 @@ EXIT_UNAVAILABLE = 3  # broker or coordinator unreachable
 EXIT_INTERRUPTED = 130
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+SUBMIT_EPILOG = """\
+Inputs are split into microtasks along the model's batch axis, except those given
+with --whole, which go unchanged with every microtask (a state tensor, a sample
+rate, a lookup table; a 0-d .npy is a scalar). Examples:
+
+  edge-offload submit digits-mlp x.npy -o out.npz
+  edge-offload submit nearest --input x=x.npy --whole prototypes=protos.npy -o out.npz
+  edge-offload submit silero-vad --input input=chunks.npy \\
+      --whole state=state.npy --whole sr=sr.npy -o vad.npz
+
+A model without a batch axis runs one item (one slice of the leading axis of every
+split input) per microtask, and its outputs may differ in shape from item to item:
+-o writes them per item into the .npz as NAME.I (output.0, output.1, ..., in input
+order).
+"""
 
 logger = logging.getLogger("edge_offload.cli")
 
@@ -166,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="results finished while the broker is unreachable wait here "
         '(default ~/.local/state/edge-offload/agent-ID/results; "none": memory only)',
     )
+    sp.add_argument(
+        "--model-cache-dir",
+        metavar="DIR",
+        help="models the coordinator deploys are kept here "
+        '(default ~/.cache/edge-offload/agent-ID/models; "none": accept no deployments)',
+    )
+    sp.add_argument(
+        "--model-cache-mb",
+        type=int,
+        metavar="MB",
+        help="disk the deployed models may use, in MiB (default 2048)",
+    )
+    sp.add_argument(
+        "--graph-optimization",
+        choices=["disable", "basic", "extended", "all"],
+        help="onnxruntime graph optimisation level of every model's session (default all)",
+    )
     sp.set_defaults(func=cmd_agent)
 
     sp = sub.add_parser("coordinator", help="run the coordinator service")
@@ -185,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         'beside the journal, if any; "none": no traces)',
     )
     sp.add_argument(
+        "--catalog",
+        metavar="DIR",
+        help="the model registry (`edge-offload models add`) whose models are sent to agents "
+        'that lack them (default: $XDG_DATA_HOME/edge-offload/models; "none": no registry)',
+    )
+    sp.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
@@ -192,19 +230,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=cmd_coordinator)
 
-    sp = sub.add_parser("submit", help="submit an inference job and write its outputs")
+    sp = sub.add_parser(
+        "submit",
+        help="submit an inference job and write its outputs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SUBMIT_EPILOG,
+    )
     common(sp)
     sp.add_argument("model", help="model id, e.g. digits-mlp")
-    sp.add_argument("inputs", type=Path, help=".npy (one input) or .npz (named inputs)")
+    sp.add_argument("inputs", type=Path, nargs="?", help=".npy (one input) or .npz (named inputs)")
     sp.add_argument(
         "--input-name",
         default=None,
-        help="input name for a .npy file (default: the model's only input)",
+        help='input name for the positional .npy file (default: "input")',
     )
-    sp.add_argument("-o", "--output", type=Path, help="write outputs to .npz (or .npy if one)")
+    sp.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        dest="named_inputs",
+        metavar="NAME=FILE.npy",
+        help="input NAME from a .npy file, split into microtasks (repeatable)",
+    )
+    sp.add_argument(
+        "--whole",
+        action="append",
+        default=[],
+        metavar="NAME[=FILE.npy]",
+        help="input NAME passed whole to every microtask, from a .npy file, or without "
+        "=FILE the array NAME of the positional .npz (repeatable)",
+    )
+    sp.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write outputs to .npz (or .npy if one); per-item outputs as NAME.I",
+    )
     sp.add_argument("--batch-size", type=int, help="samples per microtask (default: automatic)")
     sp.add_argument("--policy", choices=["earliest_finish", "least_loaded", "round_robin"])
     sp.add_argument("--job-id")
+    sp.add_argument(
+        "--require-provider",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only on agents whose probed providers include this one (repeat: any of them), "
+        "e.g. CUDAExecutionProvider",
+    )
+    sp.add_argument(
+        "--prefer-provider",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="prefer agents with this execution provider when any is available",
+    )
     sp.add_argument(
         "--redundancy",
         type=int,
@@ -275,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_report)
 
     cli_monitor.add_parsers(sub, common)
+    cli_models.add_parsers(sub)
 
     sp = sub.add_parser("schema", help="print the JSON Schema of every message")
     sp.add_argument("--out", type=Path, help="write one <type>.schema.json per message here")
@@ -444,6 +524,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "benchmark": False if args.no_benchmark else None,
         "spool_dir": args.spool_dir,
         "metrics_port": args.metrics_port,
+        "model_cache_dir": args.model_cache_dir,
+        "model_cache_bytes": None if args.model_cache_mb is None else args.model_cache_mb * 2**20,
+        "graph_optimization": args.graph_optimization,
         **_root(args),
     }
     if _broker_args_given(args):  # else the config file's broker, or the environment's
@@ -468,6 +551,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         "target_task_ms": args.target_task_ms,
         "journal": args.journal,
         "trace_dir": args.trace_dir,
+        "catalog_dir": args.catalog,
         "metrics_port": args.metrics_port,
         **_root(args),
     }
@@ -478,26 +562,72 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def load_inputs(path: Path, input_name: str | None) -> dict[str, np.ndarray[Any, Any]]:
+def load_inputs(
+    path: Path, input_name: str | None, *, npy_only: bool = False
+) -> dict[str, np.ndarray[Any, Any]]:
     """Arrays from a .npy (one input) or .npz (one array per input name) file."""
     if not path.exists():
         raise OffloadError(f"{path}: no such file", code="bad_request")
+    if npy_only and path.suffix == ".npz":
+        raise OffloadError(f"{path}: NAME=FILE takes a .npy file", code="bad_request")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     return {input_name or "input": np.load(path, allow_pickle=False)}
 
 
-def save_outputs(path: Path, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
+def load_job_inputs(
+    path: Path | None, input_name: str | None, named: list[str], whole: list[str]
+) -> tuple[dict[str, np.ndarray[Any, Any]], list[str]]:
+    """A job's arrays from the positional file and ``--input``/``--whole NAME=FILE.npy``,
+    and the names of those passed whole."""
+    inputs = load_inputs(path, input_name) if path is not None else {}
+    whole_names: list[str] = []
+    for flag, items in (("--input", named), ("--whole", whole)):
+        for item in items:
+            name, sep, file = item.partition("=")
+            if not name or (sep and not file):
+                raise OffloadError(f"{flag} {item!r}: expected NAME=FILE.npy", code="bad_request")
+            if sep:
+                if name in inputs:
+                    raise OffloadError(f"{flag} {name}: input given twice", code="bad_request")
+                inputs[name] = load_inputs(Path(file), name, npy_only=True)[name]
+            elif flag == "--input":
+                raise OffloadError(f"--input {item!r}: expected NAME=FILE.npy", code="bad_request")
+            elif name not in inputs:
+                raise OffloadError(
+                    f"--whole {name}: no array {name!r} in {path or 'the inputs'}; "
+                    "give it as --whole NAME=FILE.npy",
+                    code="bad_request",
+                )
+            if flag == "--whole":
+                whole_names.append(name)
+    if not inputs:
+        raise OffloadError(
+            "no inputs: give a .npy or .npz file, or --input NAME=FILE.npy", code="bad_request"
+        )
+    return inputs, whole_names
+
+
+def save_outputs(
+    path: Path,
+    outputs: dict[str, np.ndarray[Any, Any]],
+    parts: list[dict[str, np.ndarray[Any, Any]]] | None = None,
+) -> None:
+    """Outputs to .npy (one array) or .npz; item ``i``'s output ``name`` (a model without a
+    batch axis) is stored as ``{name}.{i}``."""
+    arrays = dict(outputs)
+    for i, part in enumerate(parts or []):
+        arrays.update({f"{name}.{i}": a for name, a in part.items()})
     if path.suffix == ".npy":
-        if len(outputs) != 1:
+        if len(arrays) != 1:
+            names = ", ".join(list(arrays)[:6]) + (", ..." if len(arrays) > 6 else "")
             raise OffloadError(
-                f"{len(outputs)} outputs ({', '.join(outputs)}) need an .npz file",
-                code="bad_request",
+                f"{len(arrays)} outputs ({names}) need an .npz file", code="bad_request"
             )
-        np.save(path, next(iter(outputs.values())))
+        np.save(path, next(iter(arrays.values())))
     else:
-        np.savez(path, **outputs)  # type: ignore[arg-type]
+        np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
 class Progress:
@@ -603,7 +733,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from coordinator.client import OffloadClient
 
     try:
-        inputs = load_inputs(args.inputs, args.input_name)
+        inputs, whole = load_job_inputs(args.inputs, args.input_name, args.named_inputs, args.whole)
     except (OffloadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -620,6 +750,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 on_status=progress.update if progress else None,
                 redundancy=args.redundancy,
                 tolerance=args.tolerance,
+                whole=whole,
+                require_providers=args.require_provider,
+                prefer_providers=args.prefer_provider,
             )
             try:
                 if progress is None:
@@ -652,8 +785,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for agent_id, n in r.disagreements.items():
                 print(f"  {agent_id}: outputs disagreed with the majority {n} times")
             if args.output:
-                save_outputs(args.output, out.outputs)
-                print(f"outputs {', '.join(out.outputs)} written to {args.output}")
+                try:
+                    save_outputs(args.output, out.outputs, out.parts)
+                except (OffloadError, OSError) as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return EXIT_USAGE
+                if out.parts:
+                    names = ", ".join(out.parts[0])
+                    print(
+                        f"outputs {names} of {len(out.parts)} items written to {args.output} "
+                        f"as NAME.0 .. NAME.{len(out.parts) - 1}"
+                    )
+                else:
+                    print(f"outputs {', '.join(out.outputs)} written to {args.output}")
             return EXIT_OK
 
     return _run_client(run())

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from coordinator.catalog import default_catalog_dir
 from protocol import DEFAULT_ROOT, BrokerAddress
 from protocol.transport import broker_from_setting
 
@@ -104,6 +105,18 @@ class CoordinatorConfig:
     # this busy while our microtasks leave slots free is overloaded.
     hot_temperature_c: float = 85.0
     overload_cpu_percent: float = 95.0
+    # The model registry (coordinator.catalog): models registered with `edge-offload
+    # models add`, sent to agents that lack them. None (or "none"): no registry.
+    catalog_dir: Path | None = field(default_factory=default_catalog_dir)
+    # Placement counts the time to send a model to an agent that lacks it (download and
+    # install) in the agent's finish-time estimate. Off: such an agent looks ready now
+    # (the naive baseline of bench/deploy.py).
+    download_aware: bool = True
+    deploy_chunk_bytes: int = 512 * 1024
+    # Chunks of a transfer unacknowledged at once; a transfer without progress this long
+    # is offered again (up to max_attempts times, then given up).
+    deploy_window: int = 8
+    deploy_stall_s: float = 10.0
 
     @property
     def mqtt_client_id(self) -> str:
@@ -143,10 +156,11 @@ class CoordinatorConfig:
         values["broker"] = broker_from_setting(values.get("broker"))
         if isinstance(values.get("journal"), str):
             values["journal"] = Path(values["journal"])
-        if isinstance(values.get("trace_dir"), str):
-            # TOML has no null: an empty value or "none" turns traces off.
-            text = values["trace_dir"].strip()
-            values["trace_dir"] = None if text.lower() in ("", "none") else Path(text)
+        for name in ("trace_dir", "catalog_dir"):
+            if isinstance(values.get(name), str):
+                # TOML has no null: an empty value or "none" turns it off.
+                text = values[name].strip()
+                values[name] = None if text.lower() in ("", "none") else Path(text)
         for name, value in list(values.items()):
             fld = names.get(name)
             if fld is None or not isinstance(value, str):

@@ -118,13 +118,20 @@ class AgentRecord:
     progress_mark: float = 0.0
     # Why it went offline (its death message's reason, or "silent").
     offline_reason: str | None = None
+    # Models it lacks but could be sent (coordinator.deployer): estimated ms until one
+    # would be installed, added to the finish estimate of a microtask placed here; and
+    # the models whose cost model is borrowed from other agents until it has measured one.
+    deploy_ms: dict[str, float] = field(default_factory=dict)
+    borrowed_costs: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._load_models()
 
     def _load_models(self) -> None:
         self.models = {m.id: m for m in self.capabilities.models}
-        old = self.costs
+        old = {k: v for k, v in self.costs.items() if k not in self.borrowed_costs}
+        self.borrowed_costs.clear()
+        self.deploy_ms.clear()
         self.costs = {
             m.id: old.get(m.id) or CostModel.from_info(m, self.capabilities.slowdown)
             for m in self.capabilities.models
@@ -143,8 +150,10 @@ class AgentRecord:
         self.last_seen = time.monotonic()
         self.suspect = False
 
-    def has_model(self, model_id: str) -> bool:
-        return model_id in self.models
+    def has_model(self, model_id: str, sha256: str | None = None) -> bool:
+        """Has ``model_id`` installed (that exact file, when ``sha256`` is given)."""
+        m = self.models.get(model_id)
+        return m is not None and (sha256 is None or m.sha256 == sha256)
 
     def wait_ms(self, now: float) -> float:
         """Estimated time before a new microtask would start on this agent."""

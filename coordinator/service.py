@@ -9,7 +9,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Collection, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -17,7 +17,9 @@ import numpy as np
 from paho.mqtt.client import topic_matches_sub
 from pydantic import ValidationError
 
+from coordinator.catalog import Catalog, CatalogEntry
 from coordinator.config import CoordinatorConfig, PolicyName
+from coordinator.deployer import Deployer, Transfer
 from coordinator.handles import JobHandle, JobOutput
 from coordinator.health import FleetHealth, HealthLimits
 from coordinator.journal import Journal
@@ -26,7 +28,7 @@ from coordinator.limits import RateLimiter
 from coordinator.monitor import Monitor, Outcome, Window
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
-from coordinator.registry import AgentRecord, Registry
+from coordinator.registry import AgentRecord, CostModel, Registry
 from coordinator.trace import JobTrace
 from protocol import (
     AgentShare,
@@ -43,6 +45,8 @@ from protocol import (
     JobResult,
     JobStatus,
     JobSummary,
+    ModelAck,
+    ModelInfo,
     MonitorJob,
     OffloadError,
     ProtocolError,
@@ -64,7 +68,7 @@ from protocol.transport import Link, cancel_and_wait
 logger = logging.getLogger(__name__)
 
 # The messages agents publish; each names its sender, which must match the topic.
-FromAgent = TypeVar("FromAgent", AgentState, Heartbeat, TaskResult)
+FromAgent = TypeVar("FromAgent", AgentState, Heartbeat, TaskResult, ModelAck)
 
 # Finds a job id in a payload too large or too broken to parse, so the error still reaches
 # the job's own status topic.
@@ -95,6 +99,9 @@ HEALTH_INTERVAL_S = 0.5
 # that placing work for a large fleet never keeps the loop from reading (heartbeats,
 # results) and from writing the microtasks it placed.
 DISPATCH_SLICE_S = 0.02
+# A microtask moving at least this many bytes (inputs and outputs) measures an agent's
+# link bandwidth; smaller ones its latency.
+LINK_SAMPLE_BYTES = 64 * 1024
 
 
 class Coordinator:
@@ -147,6 +154,22 @@ class Coordinator:
         self.alert_counts: Counter[str] = Counter()
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._root_prefix = f"{self.topics.root}/"
+        self.catalog = Catalog(config.catalog_dir) if config.catalog_dir is not None else None
+        self._catalog_checked = 0.0
+        self.deployer = (
+            Deployer(
+                self.catalog,
+                self.topics,
+                lambda topic, payload: self._link.publish_nowait(topic, payload, qos=1),
+                chunk_bytes=config.deploy_chunk_bytes,
+                window=config.deploy_window,
+                stall_s=config.deploy_stall_s,
+                max_attempts=config.max_attempts,
+                on_done=self._deployed,
+            )
+            if self.catalog is not None
+            else None
+        )
         self.metrics = MetricsEndpoint(self._collect_metrics)
         self._latency = self.metrics.histogram(
             "edge_offload_microtask_latency_seconds",
@@ -160,6 +183,7 @@ class Coordinator:
                 (self.topics.all_agents("state"), 1),
                 (self.topics.all_agents("heartbeat"), 0),
                 (self.topics.all_agents("results"), 1),
+                (self.topics.all_agents("deploys"), 1),
                 (self.topics.submit, 1),
                 (f"{self.topics.submit}/+", 1),
             ],
@@ -220,6 +244,7 @@ class Coordinator:
                 batch_size=rec.batch_size,
                 policy=rec.policy,
                 client_id=spec.client_id,
+                batch_axis=rec.batch_axis,
             )
             job.split()
             self.ledger.restore(job, rec)
@@ -310,6 +335,10 @@ class Coordinator:
         elif channel == "heartbeat":
             if (hb := self._parse(Heartbeat, agent_id, payload, "heartbeat")) is not None:
                 self._on_heartbeat(agent_id, hb)
+        elif channel == "deploys":
+            ack = self._parse(ModelAck, agent_id, payload, "model_ack")
+            if ack is not None and self.deployer is not None:
+                self.deployer.on_ack(ack)
         elif channel != "state":  # not subscribed: a broker delivered what it should not
             self.rejected["bad_topic"] += 1
         # state: an empty payload only clears a retained message
@@ -347,6 +376,8 @@ class Coordinator:
                 sorted(rec.models) if rec else [],
                 extra=_log_ids(agent_id=agent_id),
             )
+            if what == "reborn" and self.deployer is not None:
+                self.deployer.forget_agent(agent_id, reborn=True)
             if what == "reborn" and rec is not None and rec.in_flight:
                 # A new session: what the agent no longer holds is gone; what it holds
                 # (still running, or finished while it was cut off) keeps its lease.
@@ -367,6 +398,8 @@ class Coordinator:
                 extra=_log_ids(agent_id=agent_id),
             )
             self._requeue_agent(rec, f"agent offline: {msg.reason or 'death'}")
+            if self.deployer is not None:
+                self.deployer.forget_agent(agent_id, reborn=False)
             self._state_dirty = True
 
     def _on_heartbeat(self, agent_id: str, hb: Heartbeat) -> None:
@@ -456,7 +489,9 @@ class Coordinator:
         self._kick()
 
     def _check_outputs(self, task: Microtask, outputs: dict[str, np.ndarray[Any, Any]]) -> None:
-        """Names, dtypes and shapes as the model declares them, one row per sample."""
+        """Names, dtypes and shapes as the model declares them, one row per sample along the
+        batch axis. Without a batch axis only names, dtypes and declared ranks: an item's
+        outputs may take any size (a detector's boxes, a sequence)."""
         job = task.job
         if not job.output_specs and (info := self.registry.model_info(job.spec.model)):
             job.output_specs = {o.name: o for o in info.outputs}  # a resumed job
@@ -466,10 +501,14 @@ class Coordinator:
                 f"outputs {sorted(outputs)} do not match the model's {sorted(specs)}",
                 code="bad_input",
             )
+        axis = job.batch_axis
+        # A job of whole inputs only has no sample count to hold its rows to.
+        rows = task.samples if job.has_split else None
         for name, arr in outputs.items():
-            if arr.ndim == 0 or arr.shape[0] != task.samples:
+            if axis is not None and rows is not None and arr.shape[axis : axis + 1] != (rows,):
                 raise ProtocolError(
-                    f"output {name!r} has shape {list(arr.shape)}, expected {task.samples} rows",
+                    f"output {name!r} has shape {list(arr.shape)}, expected {rows} rows "
+                    f"along axis {axis}",
                     code="bad_input",
                 )
             spec = specs.get(name)
@@ -480,10 +519,15 @@ class Coordinator:
                     f"output {name!r} is {arr.dtype.name}, the model's is {spec.dtype}",
                     code="bad_input",
                 )
-            if len(spec.shape) != arr.ndim or any(
-                want is not None and want != got
-                for want, got in zip(spec.shape[1:], arr.shape[1:], strict=True)
-            ):
+            if axis is None:
+                # onnxruntime reports an output of unknown rank with no dims, as a scalar.
+                wrong = bool(spec.shape) and len(spec.shape) != arr.ndim
+            else:
+                wrong = len(spec.shape) != arr.ndim or any(
+                    want is not None and want != got and i != axis
+                    for i, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True))
+                )
+            if wrong:
                 raise ProtocolError(
                     f"output {name!r} has shape {list(arr.shape)}, the model's is "
                     f"{['N' if d is None else d for d in spec.shape]}",
@@ -497,7 +541,14 @@ class Coordinator:
             cost.observe(task.samples, msg.exec_ms)
         rtt_ms = (time.monotonic() - task.dispatched_at) * 1000
         transfer = max(rtt_ms - msg.exec_ms - msg.queued_ms, 0.01)
-        agent.latency_ms += 0.2 * (transfer - agent.latency_ms)
+        nbytes = task.job.payload_bytes(task) + _tensor_bytes(msg)
+        if nbytes >= LINK_SAMPLE_BYTES:
+            # Big enough that the bytes, not the round trip, dominate: a sample of the
+            # link's bandwidth (what placement uses to price sending a model there).
+            rate = nbytes / max(transfer - agent.latency_ms, 0.05)
+            agent.bytes_per_ms += 0.2 * (rate - agent.bytes_per_ms)
+        else:
+            agent.latency_ms += 0.2 * (transfer - agent.latency_ms)
         agent.exec_ms_avg += 0.2 * (max(msg.exec_ms, 0.01) - agent.exec_ms_avg)
 
     def _find_task(self, job_id: str, task_id: str) -> Microtask | None:
@@ -609,46 +660,61 @@ class Coordinator:
 
         ``arrays`` replaces ``spec.inputs`` for in-process callers (no encoding needed).
         """
-        info = self.registry.model_info(spec.model)
+        info, sha256 = self._resolve_model(spec.model)
         if info is None:
-            known = ", ".join(self.registry.known_models()) or "none"
+            known = ", ".join(self._known_models()) or "none"
             raise OffloadError(
-                f"no agent in the fleet has model {spec.model!r} (available: {known})",
+                f"no agent in the fleet has model {spec.model!r} and it is not registered "
+                f"(available: {known})",
                 code="unknown_model",
             )
-        arrays = dict(arrays) if arrays is not None else decode_tensors(spec.inputs)
-        if not arrays or not all(
-            isinstance(a, np.ndarray) and a.ndim >= 1 for a in arrays.values()
-        ):
-            raise OffloadError("inputs must be arrays with a batch axis", code="bad_input")
-        info.check_inputs({n: (a.dtype.name, a.shape) for n, a in arrays.items()})
-        sizes = {a.shape[0] for a in arrays.values()}
-        if len(sizes) != 1:
-            counts = {n: a.shape[0] for n, a in arrays.items()}
+        if arrays is None:
+            arrays = decode_tensors(spec.inputs)
+        else:  # numpy scalars (np.int64(16000)) are 0-d arrays to the model
+            arrays = {
+                k: np.asarray(a) if isinstance(a, np.generic) else a for k, a in arrays.items()
+            }
+        bad = sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))
+        if bad:
+            raise OffloadError(f"inputs {bad} are not numpy arrays", code="bad_input")
+        # Samples (items for a model without a batch axis); names the input that is wrong.
+        n = info.check_job({k: (a.dtype.name, a.shape) for k, a in arrays.items()}, spec.whole)
+        policy = spec.policy or self.config.policy
+        job = Job(
+            spec=spec,
+            arrays=arrays,
+            batch_size=1,
+            policy=policy,
+            client_id=spec.client_id,
+            future=future,
+            publish_result=publish_result,
+            output_specs={o.name: o for o in info.outputs},
+            batch_axis=info.batch_axis,
+            model_sha256=sha256,
+        )
+        # Agents with the model, and those it could be sent to (registered models).
+        able = self._candidates(job)
+        if spec.require_providers and not able:
+            offered = sorted({p for a in self.registry.online() for p in a.capabilities.providers})
             raise OffloadError(
-                f"inputs disagree on the number of samples: {counts}", code="bad_input"
+                f"no available agent with model {spec.model!r} offers "
+                f"{' or '.join(spec.require_providers)} (the fleet offers: "
+                f"{', '.join(offered) or 'none'})",
+                code="no_capacity",
             )
-        n = sizes.pop()
-        if n == 0:
-            raise OffloadError("job has no samples", code="bad_input")
-        able = [a for a in self.registry.online() if a.available and a.has_model(spec.model)]
         if spec.redundancy > len(able):
             raise OffloadError(
                 f"redundancy {spec.redundancy} needs {spec.redundancy} distinct agents with "
                 f"model {spec.model!r}; {len(able)} available",
                 code="no_capacity",
             )
-        policy = spec.policy or self.config.policy
-        job = Job(
-            spec=spec,
-            arrays=arrays,
-            batch_size=min(spec.batch_size or self._choose_batch(spec.model, n), n),
-            policy=policy,
-            client_id=spec.client_id,
-            future=future,
-            publish_result=publish_result,
-            output_specs={o.name: o for o in info.outputs},
-        )
+        if info.batch_axis is None or arrays.keys() <= set(spec.whole):
+            job.batch_size = 1  # one item per microtask; or all inputs whole: one microtask
+        else:
+            fixed = info.fixed_batch(spec.whole)
+            job.batch_size = fixed or min(
+                spec.batch_size or self._choose_batch(spec.model, able, n), n
+            )
         job.split()
         job.trace = JobTrace.for_job(job)
         self.ledger.add(job)
@@ -671,6 +737,17 @@ class Coordinator:
         self._dispatch()  # at once: a new job should not wait a loop iteration
         return job
 
+    def _resolve_model(self, model_id: str) -> tuple[ModelInfo | None, str | None]:
+        """What a job on ``model_id`` runs: the catalog's newest version (that exact file,
+        sent to agents that lack it), else whatever version the fleet's agents have."""
+        if self.catalog is not None and (entry := self.catalog.get(model_id)) is not None:
+            return entry.info(), entry.sha256
+        return self.registry.model_info(model_id), None
+
+    def _known_models(self) -> list[str]:
+        registered = self.catalog.ids() if self.catalog is not None else []
+        return sorted({*self.registry.known_models(), *registered})
+
     # -- in-process SDK -------------------------------------------------------------------------
     def submit_arrays(
         self,
@@ -683,9 +760,14 @@ class Coordinator:
         job_id: str | None = None,
         redundancy: int = 1,
         tolerance: float = 0.0,
+        whole: Collection[str] = (),
+        require_providers: Collection[str] = (),
+        prefer_providers: Collection[str] = (),
     ) -> JobHandle:
         """Submit a job from this process (no broker hop to the coordinator).
 
+        Inputs named in ``whole`` go unchanged with every microtask; the others are split
+        along the model's batch axis (or one item per microtask without one).
         Raises :class:`protocol.JobError` at once if the job is refused.
         """
         if isinstance(inputs, np.ndarray):
@@ -706,6 +788,9 @@ class Coordinator:
                 priority=priority,
                 redundancy=redundancy,
                 tolerance=tolerance,
+                whole=list(whole),
+                require_providers=list(require_providers),
+                prefer_providers=list(prefer_providers),
             )
             assert self._loop is not None, "use 'async with Coordinator(...)'"
             future: asyncio.Future[JobOutput] = self._loop.create_future()
@@ -725,10 +810,11 @@ class Coordinator:
         timeout: float | None = None,
         **options: Any,
     ) -> JobOutput:
-        """Submit from this process and wait for the outputs."""
+        """Submit from this process and wait for the outputs (``options`` as for
+        :meth:`submit_arrays`: ``batch_size``, ``whole``, ...)."""
         return await self.submit_arrays(model, inputs, **options).result(timeout)
 
-    def _choose_batch(self, model: str, n: int) -> int:
+    def _choose_batch(self, model: str, agents: list[AgentRecord], n: int) -> int:
         """Samples per microtask so one takes ``target_task_ms`` on a typical capable agent,
         but at least ``min_tasks_per_slot`` microtasks per slot of the fleet.
 
@@ -736,9 +822,10 @@ class Coordinator:
         noisy at small batch sizes and would make a fleet that just ran many tiny tasks
         cut the next big job into slivers.
         """
-        agents = [a for a in self.registry.online() if a.available and a.has_model(model)]
         per_sample = sorted(
-            ms for a in agents if (ms := a.models[model].ms_per_sample()) is not None and ms > 0
+            ms
+            for a in agents
+            if model in a.models and (ms := a.models[model].ms_per_sample()) is not None and ms > 0
         )
         slots = sum(a.slots for a in agents) or 1
         median = per_sample[len(per_sample) // 2] if per_sample else None
@@ -1155,17 +1242,7 @@ class Coordinator:
             if placed and time.monotonic() > stop_at:
                 self._kick()  # the rest on the next iteration, after I/O
                 return
-            model = job.spec.model
-            candidates = sorted(
-                (
-                    a
-                    for a in self.registry.agents.values()
-                    if a.available and a.has_model(model) and _labels_match(a, job.require)
-                ),
-                key=lambda a: a.agent_id,
-            )
-            if job.prefer:
-                candidates = [a for a in candidates if _labels_match(a, job.prefer)] or candidates
+            candidates = self._candidates(job)
             if not candidates:
                 continue
             # Work with a deadline may also use one more microtask per slot than credit
@@ -1184,7 +1261,7 @@ class Coordinator:
                     unplaceable.append(job.pending.popleft())
                     continue
                 task.unplaceable_since = 0.0
-                nbytes = task.samples * job.bytes_per_sample
+                nbytes = job.payload_bytes(task)
                 ctx = Placement(credit=credit, payload_bytes=nbytes, backlog_ms=backlog)
                 agent = policy.choose(task, eligible, ctx)
                 if agent is None or credit(agent) <= 0:
@@ -1198,6 +1275,72 @@ class Coordinator:
             job.pending.extendleft(reversed(unplaceable))
             if self._give_up_unplaceable(job, unplaceable):
                 self._finish(job)
+
+    def _candidates(self, job: Job) -> list[AgentRecord]:
+        """Agents that may run ``job``'s microtasks now, by id: those with the model, and
+        those that could be sent it from the catalog (with the time that takes)."""
+        model, sha = job.spec.model, job.model_sha256
+        entry = self._catalog_entry(job)
+        need = job.spec.require_providers
+        now = time.monotonic()
+        out = []
+        for a in self.registry.agents.values():
+            if (
+                not a.available
+                or not _labels_match(a, job.require)
+                or (need and not any(p in a.capabilities.providers for p in need))
+            ):
+                continue
+            if a.has_model(model, sha):
+                if a.deploy_ms:
+                    a.deploy_ms.pop(model, None)
+                out.append(a)
+            elif entry is not None and self.deployer is not None:
+                ready = self.deployer.ready_in_ms(a, entry, now)
+                if ready is None:
+                    continue
+                a.deploy_ms[model] = ready if self.config.download_aware else 0.0
+                if model not in a.costs:
+                    a.costs[model] = self._borrowed_cost(model)
+                    a.borrowed_costs.add(model)
+                out.append(a)
+        out.sort(key=lambda a: a.agent_id)
+        if job.prefer:
+            out = [a for a in out if _labels_match(a, job.prefer)] or out
+        if job.spec.prefer_providers:
+            want = job.spec.prefer_providers
+            out = [a for a in out if any(p in a.capabilities.providers for p in want)] or out
+        return out
+
+    def _catalog_entry(self, job: Job) -> CatalogEntry | None:
+        """The catalog's entry for the exact file ``job`` runs, if it is registered."""
+        if self.catalog is None or job.model_sha256 is None:
+            return None
+        entry = self.catalog.get(job.spec.model)
+        if entry is None or entry.sha256 != job.model_sha256:
+            entry = next((e for e in self.catalog.entries() if e.sha256 == job.model_sha256), None)
+        return entry
+
+    def _borrowed_cost(self, model: str) -> CostModel:
+        """Until an agent has a model and has measured it: the fleet's median cost of it
+        (a device of unknown speed is assumed typical), or a guess when nobody has it."""
+        costs = sorted(
+            (c for a in self.registry.online() if model in a.models for c in [a.costs[model]]),
+            key=lambda c: c.per_sample_ms,
+        )
+        if not costs:
+            return CostModel(overhead_ms=1.0, per_sample_ms=0.05)
+        median = costs[len(costs) // 2]
+        return CostModel(overhead_ms=median.overhead_ms, per_sample_ms=median.per_sample_ms)
+
+    def _deployed(self, transfer: Transfer, ok: bool, why: str) -> None:
+        """A transfer ended; on failure the agent answers what it held with errors, and
+        is no longer a candidate for that file (Deployer.refused)."""
+        agent = self.registry.agents.get(transfer.agent_id)
+        if agent is not None and not ok:
+            agent.deploy_ms.clear()
+        self._state_dirty = True
+        self._kick()
 
     def _give_up_unplaceable(self, job: Job, tasks: list[Microtask]) -> bool:
         """A copy no live agent may run, with no other copy of its unit running, cannot
@@ -1284,6 +1427,13 @@ class Coordinator:
         self._kick()
 
     def _send(self, task: Microtask, agent: AgentRecord, nbytes: int) -> None:
+        job = task.job
+        if not agent.has_model(job.spec.model, job.model_sha256):
+            # Chosen with the download counted: the file goes first, the microtask waits
+            # for it on the agent (RunTask.model_sha256).
+            entry = self._catalog_entry(job)
+            assert entry is not None and self.deployer is not None
+            self.deployer.ensure(agent, entry)
         lease_s, est_ms = self._lease(task, agent, nbytes)
         msg = self.ledger.dispatch(task, agent, lease_s=lease_s, est_ms=est_ms)
         # Binary frames pay from about 2 KiB of tensor data; below, pydantic's JSON is faster.
@@ -1366,9 +1516,10 @@ class Coordinator:
             self.journal.commit()
         elapsed = self.ledger.finished(job) - job.submitted
         outputs: dict[str, np.ndarray[Any, Any]] = {}
+        parts: list[dict[str, np.ndarray[Any, Any]]] = []  # per item, without a batch axis
         if job.finished_ok:
             try:
-                outputs = job.assemble()
+                outputs, parts = job.assemble(), job.per_item()
             except (ValueError, RuntimeError) as e:  # parts that do not fit together
                 logger.exception(
                     "job %s: cannot assemble its outputs",
@@ -1419,12 +1570,19 @@ class Coordinator:
             )
         if job.future is not None and not job.future.done():
             if job.finished_ok:
-                job.future.set_result(JobOutput(job_id=job.job_id, outputs=outputs, result=result))
+                job.future.set_result(
+                    JobOutput(job_id=job.job_id, outputs=outputs, result=result, parts=parts)
+                )
             else:
                 job.future.set_exception(ErrorInfo.job_error(result.error, job.job_id))
         if job.publish_result:
             if job.finished_ok:
-                result = result.model_copy(update={"outputs": encode_arrays(outputs)})
+                result = result.model_copy(
+                    update={
+                        "outputs": encode_arrays(outputs),
+                        "parts": [encode_arrays(p) for p in parts],
+                    }
+                )
             payload = encode(result, job.spec.result_encoding)
             self._publish(self.topics.result(job.job_id), payload)
             if job.client_id is not None:
@@ -1501,6 +1659,12 @@ class Coordinator:
                 self._retry(task, old, "lease_expired", "no result before the lease expired")
                 self._kick()
             self._expire_windows(now)
+            if self.deployer is not None:
+                self.deployer.tick(now)
+            if self.catalog is not None and now - self._catalog_checked >= 1.0:
+                self._catalog_checked = now
+                if self.catalog.refresh():  # `edge-offload models add/remove` meanwhile
+                    logger.info("model catalog changed: %s", ", ".join(self.catalog.ids()))
             if self.config.speculate:
                 self._speculate(now)
             if any(j.pending for j in self.ledger.active.values()):
@@ -1696,6 +1860,20 @@ class Coordinator:
             "agent",
             {a.agent_id: a.completed for a in agents},
         )
+        if self.deployer is not None:
+            d = self.deployer
+            yield counter(
+                "edge_offload_model_deployments",
+                "Model transfers to agents, by event (started, installed, failed, given_up, "
+                "refused_<code>, stalls, chunks_sent, chunks_refused, chunks_resent, bytes_sent)",
+                "event",
+                dict(d.counts),
+            )
+            yield gauge(
+                "edge_offload_model_transfers_in_progress",
+                "Model transfers under way",
+                values=len(d.transfers),
+            )
 
     def _forget_early(self, results: list[tuple[float, TaskResult]]) -> None:
         self._early_count -= len(results)

@@ -37,6 +37,21 @@ def require_mosquitto() -> None:
     pytest.skip("mosquitto not installed (apt-get install mosquitto mosquitto-clients)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Coordinators' model registry and agents' model caches default to the user's data and
+    cache directories: tests (and the processes they start) get their own."""
+    saved = {k: os.environ.get(k) for k in ("XDG_DATA_HOME", "XDG_CACHE_HOME")}
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def mosquitto() -> Iterator[LocalBroker]:
     require_mosquitto()
@@ -110,9 +125,9 @@ async def agent_factory(root: str, tmp_path: Path) -> AsyncIterator[Callable[...
         overrides.setdefault("benchmark", False)
         overrides.setdefault("spool_dir", tmp_path / f"{agent_id}-spool")
         overrides.setdefault("heartbeat_s", 0.5)
-        config = AgentConfig(
-            agent_id=agent_id, broker=address, root=root, models_dirs=(MODELS,), **overrides
-        )
+        overrides.setdefault("models_dirs", (MODELS,))
+        overrides.setdefault("model_cache_dir", tmp_path / f"{agent_id}-models")
+        config = AgentConfig(agent_id=agent_id, broker=address, root=root, **overrides)
         agent = await stack.enter_async_context(Agent(config))
         await agent.wait_connected()
         return agent
@@ -178,6 +193,8 @@ def agent_processes(root: str, tmp_path: Path) -> Iterator[Callable[..., AgentPr
             "0.5",
             "--spool-dir",
             str(tmp_path / f"{agent_id}-spool"),
+            "--model-cache-dir",
+            str(tmp_path / f"{agent_id}-models"),
             *args,
         ]
         with open(log, "wb") as f:

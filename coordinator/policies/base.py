@@ -43,6 +43,9 @@ class Policy(Protocol):
 
 def estimate_finish_ms(agent: AgentRecord, task: Microtask, payload_bytes: int) -> float:
     """Queue wait + transfer + execution of ``task`` on ``agent``, in ms from now."""
-    cost = agent.costs[task.job.spec.model]
+    model = task.job.spec.model
+    cost = agent.costs[model]
     wait = agent.wait_ms(time.monotonic())
+    if agent.deploy_ms:  # the agent lacks the model: it runs once the model is installed
+        wait = max(wait, agent.deploy_ms.get(model, 0.0))
     return wait + agent.transfer_ms(payload_bytes) + cost.estimate(task.samples)
