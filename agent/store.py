@@ -38,7 +38,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _specs(args: list[Any]) -> list[TensorSpec]:
+def tensor_specs(args: list[Any]) -> list[TensorSpec]:
+    """onnxruntime's input or output descriptions as wire specs (dynamic axes None)."""
     specs = []
     for a in args:
         if a.type not in ORT_TYPES:
@@ -170,8 +171,8 @@ class ModelStore:
             version=str(entry.get("version", "1")),
             sha256=entry["sha256"],
             size=path.stat().st_size,
-            inputs=_specs(session.get_inputs()),
-            outputs=_specs(session.get_outputs()),
+            inputs=tensor_specs(session.get_inputs()),
+            outputs=tensor_specs(session.get_outputs()),
             batch_axis=entry.get("batch_axis", 0),
         )
         model = LoadedModel(

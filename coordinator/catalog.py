@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from protocol import ORT_TYPES, Message, ModelError, ModelInfo, TensorSpec, check_id
+from protocol import Message, ModelError, ModelInfo, TensorSpec, check_id
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +77,6 @@ class _Index(Message):
     models: list[CatalogEntry] = []
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inspect_model(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The input and output signature of an ONNX file, as onnxruntime loads it.
 
@@ -93,6 +84,8 @@ def inspect_model(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     type is not one the wire format carries.
     """
     import onnxruntime as ort
+
+    from agent.store import tensor_specs
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -104,20 +97,10 @@ def inspect_model(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     except Exception as e:
         raise ModelError(f"{path}: onnxruntime cannot load it: {e}", code="bad_input") from None
 
-    def specs(args: list[object]) -> list[TensorSpec]:
-        out = []
-        for a in args:
-            name, kind, shape = a.name, a.type, a.shape  # type: ignore[attr-defined]
-            if kind not in ORT_TYPES:
-                raise ModelError(
-                    f"{path}: tensor {name!r} has type {kind}, which edge-offload does not carry",
-                    code="bad_input",
-                )
-            dims = [d if isinstance(d, int) and d >= 0 else None for d in (shape or [])]
-            out.append(TensorSpec(name=name, dtype=ORT_TYPES[kind], shape=dims))  # type: ignore[arg-type]
-        return out
-
-    return specs(session.get_inputs()), specs(session.get_outputs())
+    try:
+        return tensor_specs(session.get_inputs()), tensor_specs(session.get_outputs())
+    except ModelError as e:
+        raise ModelError(f"{path}: {e.message}", code="bad_input") from None
 
 
 def guess_batch_axis(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> int | None:
@@ -192,6 +175,8 @@ class Catalog:
         batch_axis: int | Literal["auto"] | None = "auto",
     ) -> CatalogEntry:
         """Register ``path`` (copied into the store). Raises :class:`ModelError`."""
+        from agent.store import sha256_file  # the agent's: it verifies the same files
+
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: no such file", code="bad_request")
