@@ -555,20 +555,22 @@ class Agent:
         if len(self._active) >= self.config.slots + self.config.queue_limit:
             self._reply_error(task, "no_capacity", "agent queue is full")
             return
-        held = False
+        waits_for = None  # the sha256 of a model on its way, to run the task once installed
         if (mismatch := self._sha_mismatch(task)) is not None:
-            assert task.model_sha256 is not None
             receiver = self._receiver
-            if receiver is None or not receiver.receiving(task.model_sha256, task.model):
+            waits_for = task.model_sha256
+            if (
+                waits_for is None
+                or receiver is None
+                or not receiver.receiving(waits_for, task.model)
+            ):
                 self._reply_error(task, "unknown_model", mismatch)
                 return
-            held = True  # its model is on the way: run it once installed
         active = _Active(task=task, received=received, encoding=encoding)
         self._active[key] = active
         self._idle.clear()
-        if held:
-            assert task.model_sha256 is not None
-            self._held_for.setdefault(task.model_sha256, []).append(active)
+        if waits_for is not None:
+            self._held_for.setdefault(waits_for, []).append(active)
         else:
             self._enqueue(active)
 

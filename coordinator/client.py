@@ -95,6 +95,7 @@ class OffloadClient:
         self._agents: dict[str, AgentState] | None = None
         self._coordinator: asyncio.Future[CoordinatorState] | None = None
         self._counter = 0
+        self._session = uuid.uuid4().hex[:8]
         # Topic filter -> queues of the callers listening to it (monitoring jobs, alerts).
         self._listeners: dict[str, list[asyncio.Queue[tuple[str, bytes]]]] = {}
 
@@ -162,7 +163,9 @@ class OffloadClient:
         if isinstance(inputs, np.ndarray):
             inputs = {"input": inputs}
         self._counter += 1
-        job_id = job_id or f"{self.client_id}-{self._counter}"
+        # The session token keeps ids unique across runs of a client with a stable id (a
+        # user name): coordinators and agents treat a known id as a redelivery.
+        job_id = job_id or f"{self.client_id[:100]}-{self._session}-{self._counter}"
         # Binary frames (no base64 pass) pay from about 2 KiB of tensors; see protocol.codec.
         big = sum(np.asarray(a).nbytes for a in inputs.values()) >= BINARY_MIN_BYTES
         spec = InferenceJob.model_validate(

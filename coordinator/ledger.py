@@ -270,7 +270,7 @@ class Job:
         sliced = {
             name: Tensor.from_array(a[index])
             for name, a in self.arrays.items()
-            if name not in self.spec.whole
+            if name not in self.whole_inputs
         }
         return sliced | self.whole_inputs
 

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Collection, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
@@ -124,6 +125,7 @@ class Coordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state_dirty = True
         self._job_counter = 0
+        self._session = uuid.uuid4().hex[:8]
         self._jobs_order: list[str] = []
         # agent id -> results that arrived before the agent's birth, with arrival times
         self._early_results: dict[str, list[tuple[float, TaskResult]]] = {}
@@ -773,7 +775,9 @@ class Coordinator:
         if isinstance(inputs, np.ndarray):
             inputs = {"input": inputs}
         self._job_counter += 1
-        job_id = job_id or f"coordinator-{self._job_counter}"
+        # Unique per coordinator instance: agents that outlive one remember the microtask
+        # ids it dispatched and would ignore a repeated one as a redelivery.
+        job_id = job_id or f"coordinator-{self._session}-{self._job_counter}"
         if job_id in self.ledger.jobs:
             raise JobError(
                 f"job id {job_id!r} is already in use", job_id=job_id, code="bad_request"
