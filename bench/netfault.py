@@ -10,8 +10,9 @@ on the host-side veth act on that process alone:
 * ``lossy(p)`` / ``clear_loss()``: DROP each packet with probability ``p``, in each direction.
 
 The kernel here has no ``sch_netem``, so delay is emulated by ``DelayRelay``, a TCP relay that
-holds every chunk for ``delay_s`` in each direction, preserving order. Topology for one slow,
-lossy agent::
+holds every chunk for ``delay_s`` in each direction, preserving order, and optionally limits
+each direction's bandwidth (``rate_bytes_per_s``; needs no namespace, e.g. on loopback for
+``bench/deploy.py``). Topology for one slow, lossy agent::
 
     agent (in ns) --veth: cut()/lossy()--> relay on ns.host_ip --lo--> broker on 127.0.0.1:P
         connects to mqtt://{ns.host_ip}:{relay.port}
@@ -416,6 +417,12 @@ class DelayRelay:
     Round trip through the relay = ``delay_s + return_delay_s`` on top of the real path. To mimic
     ``netem delay 200ms`` on one link (one-way), use ``delay_s=0.1`` (symmetric) or
     ``delay_s=0.2, return_delay_s=0``. The TCP handshake with the relay itself is not delayed.
+
+    ``rate_bytes_per_s`` (and ``return_rate_bytes_per_s``, the same by default) makes each
+    direction a link of that bandwidth, like ``netem rate``: a chunk is delivered once the
+    link has clocked it out, ``len / rate`` after the link was free (and the chunk due), so
+    chunks queue behind each other and a transfer of N bytes takes at least ``N / rate``.
+    Unset (None), the link is as fast as the host.
     """
 
     def __init__(
@@ -429,14 +436,23 @@ class DelayRelay:
         return_delay_s: float | None = None,
         max_chunks: int = 64,
         connect_timeout_s: float = 5.0,
+        rate_bytes_per_s: float | None = None,
+        return_rate_bytes_per_s: float | None = None,
     ) -> None:
         if delay_s < 0 or (return_delay_s is not None and return_delay_s < 0):
             raise ValueError("delays must be >= 0")
+        for rate in (rate_bytes_per_s, return_rate_bytes_per_s):
+            if rate is not None and not rate > 0:
+                raise ValueError("rates must be > 0 (None: unlimited)")
         self.listen_host = listen_host
         self.target_host = target_host
         self.target_port = target_port
         self.delay_s = delay_s
         self.return_delay_s = delay_s if return_delay_s is None else return_delay_s
+        self.rate_bytes_per_s = rate_bytes_per_s
+        self.return_rate_bytes_per_s = (
+            rate_bytes_per_s if return_rate_bytes_per_s is None else return_rate_bytes_per_s
+        )
         self._listen_port = listen_port
         self._max_chunks = max_chunks
         self._connect_timeout_s = connect_timeout_s
@@ -465,13 +481,15 @@ class DelayRelay:
         self._server = await asyncio.start_server(self._handle, self.listen_host, self._listen_port)
         self._port = int(self._server.sockets[0].getsockname()[1])
         log.debug(
-            "relay %s:%d -> %s:%d delay %.3f/%.3f s",
+            "relay %s:%d -> %s:%d delay %.3f/%.3f s, rate %s/%s B/s",
             self.listen_host,
             self._port,
             self.target_host,
             self.target_port,
             self.delay_s,
             self.return_delay_s,
+            self.rate_bytes_per_s,
+            self.return_rate_bytes_per_s,
         )
 
     async def close(self) -> None:
@@ -511,6 +529,8 @@ class DelayRelay:
         return_delay_s: float | None = None,
         max_chunks: int = 64,
         connect_timeout_s: float = 5.0,
+        rate_bytes_per_s: float | None = None,
+        return_rate_bytes_per_s: float | None = None,
     ) -> RelayThread:
         """Run a relay on its own event loop in a daemon thread, for synchronous callers."""
         relay = cls(
@@ -522,6 +542,8 @@ class DelayRelay:
             return_delay_s=return_delay_s,
             max_chunks=max_chunks,
             connect_timeout_s=connect_timeout_s,
+            rate_bytes_per_s=rate_bytes_per_s,
+            return_rate_bytes_per_s=return_rate_bytes_per_s,
         )
         return RelayThread(relay)
 
@@ -573,8 +595,8 @@ class DelayRelay:
         up: asyncio.Queue[_Item] = asyncio.Queue(self._max_chunks)
         down: asyncio.Queue[_Item] = asyncio.Queue(self._max_chunks)
         writers = {
-            asyncio.create_task(_deliver(up, upstream_w)),
-            asyncio.create_task(_deliver(down, client_w)),
+            asyncio.create_task(_deliver(up, upstream_w, self.rate_bytes_per_s)),
+            asyncio.create_task(_deliver(down, client_w, self.return_rate_bytes_per_s)),
         }
         readers = {
             asyncio.create_task(_timestamp(client_r, up, self.delay_s)),
@@ -607,10 +629,21 @@ async def _timestamp(src: asyncio.StreamReader, queue: asyncio.Queue[_Item], del
             return
 
 
-async def _deliver(queue: asyncio.Queue[_Item], dst: asyncio.StreamWriter) -> None:
+async def _deliver(
+    queue: asyncio.Queue[_Item], dst: asyncio.StreamWriter, rate: float | None = None
+) -> None:
     loop = asyncio.get_running_loop()
+    free_at = 0.0  # when the emulated link has clocked out everything delivered so far
     while True:
         due, data = await queue.get()
+        if rate is not None and data:
+            # A link of finite rate: the chunk goes onto it once it is due and the link is
+            # free, and arrives when its last byte is through. Pacing here, after the queue,
+            # lets the bounded queue push back on the sender as a full link buffer would.
+            # Sleep overshoot is not added to free_at, so it does not lower the rate; the
+            # price is a catch-up burst after a receiver held the writer back in drain().
+            due = max(due, free_at) + len(data) / rate
+            free_at = due
         wait = due - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)

@@ -5,10 +5,12 @@
 3. fleet scale: 1,000 and 10,000 simulated agents against the coordinator
    (``fleet_scale.py``);
 4. comparison with Celery+Redis and Dask on the same workloads (``compare.py``), when
-   they are installed (``pip install -e '.[bench]'`` and ``apt-get install redis-server``).
+   they are installed (``pip install -e '.[bench]'`` and ``apt-get install redis-server``);
+5. model deployment: sending a 10 MB and a 50 MB model to an agent, and the makespan of a
+   job with and without download-aware placement (``deploy.py``).
 
-Usage: python bench/run_all.py [--quick] [--only core|hetero|scale|compare ...]
-Needs Mosquitto. ``--quick`` takes about 7 minutes on two cores, the full suite about 10.
+Usage: python bench/run_all.py [--quick] [--only core|hetero|scale|compare|deploy ...]
+Needs Mosquitto. ``--quick`` takes about 8 minutes on two cores, the full suite about 12.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ if str(REPO) not in sys.path:  # run as a script: make ``bench`` importable
 
 import onnxruntime as ort  # noqa: E402
 
-from bench import bench_core, compare, fleet_scale, hetero  # noqa: E402
+from bench import bench_core, compare, deploy, fleet_scale, hetero  # noqa: E402
 from coordinator.broker import find_mosquitto  # noqa: E402
 
 Rows = list[tuple[str, str]]
-SECTIONS = ("core", "hetero", "scale", "compare")
+SECTIONS = ("core", "hetero", "scale", "compare", "deploy")
 
 
 def core(quick: bool, workdir: Path) -> Rows:
@@ -59,11 +61,18 @@ def comparison(quick: bool, workdir: Path) -> Rows:
     return compare.rows(asyncio.run(compare.run_compare(compare.setup(quick=quick))))
 
 
+def deployment(quick: bool, workdir: Path) -> Rows:
+    (workdir / "deploy").mkdir(exist_ok=True)
+    setup = deploy.QUICK if quick else deploy.FULL
+    return deploy.rows(asyncio.run(deploy.run_deploy(setup, workdir / "deploy")))
+
+
 RUNNERS: dict[str, Callable[[bool, Path], Rows]] = {
     "core": core,
     "hetero": heterogeneous,
     "scale": scale,
     "compare": comparison,
+    "deploy": deployment,
 }
 
 

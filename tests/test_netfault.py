@@ -237,6 +237,74 @@ async def test_relay_large_transfer_with_backpressure(echo_port: int) -> None:
             await _shut(w)
 
 
+async def test_relay_rate_limits_the_upstream_direction() -> None:
+    """A transfer through a relay of rate R takes at least size / R, and arrives intact."""
+    rate, size = 1_000_000.0, 500_000
+    payload = os.urandom(size)
+    got: asyncio.Future[tuple[float, bytes]] = asyncio.get_running_loop().create_future()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        data = await r.read()  # until EOF
+        got.set_result((time.monotonic(), data))
+        await _shut(w)
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    try:
+        async with DelayRelay(
+            listen_host="127.0.0.1",
+            target_host="127.0.0.1",
+            target_port=port,
+            delay_s=0.0,
+            rate_bytes_per_s=rate,
+        ) as relay:
+            _, w = await asyncio.open_connection("127.0.0.1", relay.port)
+            t0 = time.monotonic()
+            w.write(payload)
+            await _shut(w)
+            async with asyncio.timeout(20):
+                arrived, data = await got
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
+    assert arrived - t0 >= size / rate, arrived - t0
+
+
+async def test_relay_return_rate_is_its_own(echo_port: int) -> None:
+    """Each direction is paced at its own rate: an echo is held to the slower return link."""
+    up, back, size = 4_000_000.0, 500_000.0, 300_000
+    payload = os.urandom(size)
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        DelayRelay(
+            listen_host="127.0.0.1",
+            target_host="127.0.0.1",
+            target_port=echo_port,
+            delay_s=0.0,
+            rate_bytes_per_s=0.0,
+        )
+    async with DelayRelay(
+        listen_host="127.0.0.1",
+        target_host="127.0.0.1",
+        target_port=echo_port,
+        delay_s=0.0,
+        rate_bytes_per_s=up,
+        return_rate_bytes_per_s=back,
+    ) as relay:
+        assert (relay.rate_bytes_per_s, relay.return_rate_bytes_per_s) == (up, back)
+        r, w = await asyncio.open_connection("127.0.0.1", relay.port)
+        try:
+            t0 = time.monotonic()
+            w.write(payload)
+            async with asyncio.timeout(20):
+                echoed = await r.readexactly(size)
+            took = time.monotonic() - t0
+        finally:
+            await _shut(w)
+    assert echoed == payload
+    assert took >= size / back, took
+
+
 async def test_relay_closes_client_after_upstream_closes() -> None:
     async def say_bye(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"bye")
