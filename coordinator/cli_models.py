@@ -121,7 +121,7 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        print(entry.to_json().decode())
+        print(entry.model_dump_json())
     else:
         print(f"registered in {catalog.root}")
         _print_entry(entry)
@@ -136,7 +136,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     entries = catalog.entries()
     if args.json:
-        print(json.dumps([json.loads(e.to_json()) for e in entries], indent=2))
+        print(json.dumps([json.loads(e.model_dump_json()) for e in entries], indent=2))
         return EXIT_OK
     if not entries:
         print(f"no models registered in {catalog.root}")

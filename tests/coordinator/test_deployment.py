@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from coordinator.catalog import Catalog, CatalogEntry
 from coordinator.deployer import CORRUPT_ENV
 from protocol import BrokerAddress
-from tests.conftest import DIGITS_MODEL
+from tests.conftest import DIGITS_MODEL, cli
 
 pytestmark = pytest.mark.mosquitto
 
@@ -156,3 +157,40 @@ async def test_download_aware_placement_keeps_work_off_a_slow_link(
         assert set(out.result.per_agent) == {"a1"}
     else:
         assert slow.deploy_ms["digits-remote"] == 0.0  # looks ready now
+
+
+async def test_a_pypi_model_registered_as_the_readme_shows_is_deployed_and_runs(
+    mosquitto_address: BrokerAddress,
+    coordinator_factory: Callable[..., Any],
+    agent_factory: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """Silero VAD from its wheel, registered without a batch axis, sent to an agent that
+    lacks it; chunks split one per microtask, state and sample rate passed whole."""
+    from tests.coordinator.test_any_model import silero_file
+
+    vad = silero_file()
+    code, out, err = await cli(
+        "models", "add", str(vad), "--catalog", str(tmp_path / "reg"), "--id", "silero-vad",
+        "--version", "6.2.1", "--batch-axis", "none", "--licence", "MIT", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["batch_axis"] is None
+    coord = await coordinator_factory(mosquitto_address, catalog_dir=tmp_path / "reg")
+    await agent_factory(mosquitto_address, "a1")
+    await coord.wait_for_agents(1)
+
+    t = np.arange(8 * 512) / 16000
+    rng = np.random.default_rng(0)
+    audio = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)
+    chunks = audio.astype(np.float32).reshape(-1, 1, 512)
+    state, sr = np.zeros((2, 1, 128), np.float32), np.array(16000)
+    out_job = await coord.run(
+        "silero-vad", {"input": chunks, "state": state, "sr": sr}, whole=["state", "sr"], timeout=60
+    )
+    session = ort.InferenceSession(str(vad), providers=["CPUExecutionProvider"])
+    assert len(out_job.parts) == 8
+    for chunk, part in zip(chunks, out_job.parts, strict=True):
+        (want,) = session.run(["output"], {"input": chunk, "state": state, "sr": sr})
+        assert np.array_equal(part["output"], want)
+    assert coord.deployer is not None and coord.deployer.counts["installed"] == 1
