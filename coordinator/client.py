@@ -59,7 +59,17 @@ class OffloadClient:
 
     The client subscribes once to its own reply topic, so a job costs one publish out
     and one message back. It reconnects (capped, jittered backoff) when the broker goes
-    away; a job keeps waiting, and its result arrives if the broker is back by then.
+    away, and after every reconnection submits again each job it still waits for: a
+    submission the broker never got runs then, and the coordinator answers a job that
+    finished meanwhile (its result, published while this client was away, is lost to a
+    clean session) by sending its kept result again (see ``result_keep_s`` and
+    ``result_cache_bytes`` of the coordinator; once it is no longer kept, the job fails
+    with code ``result_expired``). A running job is not run twice.
+
+    Memory: to submit again, the client keeps each waiting job's encoded submission (its
+    inputs, about their size in bytes, or 4/3 of it in JSON with base64) until the job's
+    result or error arrives, or the client closes; a handle whose ``result(timeout)``
+    timed out still holds it.
     """
 
     def __init__(
@@ -88,9 +98,13 @@ class OffloadClient:
             client_id=mqtt_id,
             subscriptions=[(self.topics.replies(self.client_id), 1)],
             on_message=self._on_message,
+            on_connect=self._on_connect,
         )
         self._runner: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Future[JobOutput]] = {}
+        # Job id -> (submit topic, encoded submission) of the jobs waited for: submitted
+        # again after every reconnection.
+        self._submissions: dict[str, tuple[str, bytes]] = {}
         self._watchers: dict[str, StatusCallback] = {}
         self._agents: dict[str, AgentState] | None = None
         self._coordinator: asyncio.Future[CoordinatorState] | None = None
@@ -119,6 +133,25 @@ class OffloadClient:
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
+        self._submissions.clear()
+
+    async def _on_connect(self, link: Link) -> None:
+        """After a reconnection (subscriptions are back): submit again what we wait for.
+
+        Our clean session lost whatever was published to us while we were away, and a
+        submission still in our socket when the connection died never reached the broker.
+        Submission is idempotent per job id, so this is safe whichever it was."""
+        if link.connections == 1 or not self._submissions:
+            return
+        again = list(self._submissions)
+        for topic, payload in self._submissions.values():
+            if not link.publish_nowait(topic, payload, qos=1):
+                return  # lost again already: the next connection tries once more
+        logger.info(
+            "reconnected: submitted %d waiting jobs again (%s)",
+            len(again),
+            ", ".join(again[:10]) + (", ..." if len(again) > 10 else ""),
+        )
 
     @property
     def mqtt(self) -> aiomqtt.Client:
@@ -203,8 +236,13 @@ class OffloadClient:
         # Submitted under this client's identity: a broker ACL can tie the topic to the
         # authenticated user, and the coordinator can then check an allow-list.
         topic = self.topics.submit_as(self.client_id)
-        if not self._link.publish_nowait(topic, encode(spec, encoding), qos=1):
+        payload = encode(spec, encoding)
+        if not self._link.publish_nowait(topic, payload, qos=1):
+            self._waiting.pop(spec.job_id, None)
+            self._watchers.pop(spec.job_id, None)
+            self._unfollow(spec.job_id)
             raise JobError("not connected to the broker", job_id=spec.job_id, code="internal")
+        self._submissions[spec.job_id] = (topic, payload)  # until its result arrives
         return JobHandle(spec.job_id, future)
 
     async def run(
@@ -390,6 +428,9 @@ class OffloadClient:
                     return
 
     def _resolve(self, result: JobResult) -> None:
+        # A result may come twice (the coordinator publishes it again when it cannot tell
+        # whether we got it): the first settles the job, later ones find nothing to do.
+        self._submissions.pop(result.job_id, None)
         future = self._waiting.pop(result.job_id, None)
         self._watchers.pop(result.job_id, None)
         self._unfollow(result.job_id)

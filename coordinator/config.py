@@ -117,6 +117,13 @@ class CoordinatorConfig:
     # is offered again (up to max_attempts times, then given up).
     deploy_window: int = 8
     deploy_stall_s: float = 10.0
+    # Final results of jobs submitted over MQTT are kept (encoded, as published) for this
+    # long after they are published, up to this many bytes in all, oldest dropped first;
+    # a result larger than that is not kept. A job submitted again under the same id (a
+    # client that reconnected) gets its kept result again, and the results published just
+    # before the coordinator's own connection was lost are published again. 0: keep none.
+    result_cache_bytes: int = 64 * 2**20
+    result_keep_s: float = 600.0
 
     @property
     def mqtt_client_id(self) -> str:
@@ -125,6 +132,8 @@ class CoordinatorConfig:
         return "coordinator" if self.root == DEFAULT_ROOT else f"coordinator:{self.root}"
 
     def __post_init__(self) -> None:
+        if self.result_cache_bytes < 0 or not self.result_keep_s >= 0:
+            raise ValueError("result_cache_bytes and result_keep_s must be >= 0")
         if self.trace_dir is _BESIDE_JOURNAL:
             object.__setattr__(self, "trace_dir", default_trace_dir(self.journal))
 

@@ -30,6 +30,7 @@ from coordinator.monitor import Monitor, Outcome, Window
 from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, CostModel, Registry
+from coordinator.results import HeldResult, ResultCache
 from coordinator.trace import JobTrace
 from protocol import (
     AgentShare,
@@ -138,6 +139,13 @@ class Coordinator:
         # Final results and statuses that could not be published (no connection), sent on
         # the next one.
         self._unsent: list[tuple[str, bytes]] = []
+        # Final results as published, for clients that submit a finished job again and
+        # for publishing again what the connection may have lost (coordinator.results).
+        self._results = ResultCache(config.result_cache_bytes, config.result_keep_s)
+        # Results published again, by reason (edge_offload_results_resent_total).
+        self.resent: Counter[str] = Counter()
+        # When the broker last sent us anything (monotonic): the connection worked then.
+        self._last_heard = 0.0
         # When jobs were resumed from the journal (monotonic), while they are on hold.
         self._resumed_at: float | None = None
         # Monitoring jobs by id (running, and recently stopped), which of them read a
@@ -293,6 +301,9 @@ class Coordinator:
         unsent, self._unsent = self._unsent, []
         for topic, payload in unsent:
             self._publish(topic, payload)
+        if link.connections > 1:
+            self._publish_results_again()
+        self._last_heard = self._connected_at
         self._state_dirty = True
         for job in list(self.ledger.active.values()):
             if job.complete:  # resumed with every result already in
@@ -303,6 +314,7 @@ class Coordinator:
 
     # -- inbound --------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
+        self._last_heard = time.monotonic()
         if not topic.startswith(self._root_prefix):
             self._on_sensor(topic, payload)
             return
@@ -634,13 +646,12 @@ class Coordinator:
         if (
             spec.job_id in self.ledger.jobs
             or spec.job_id in self.monitors
+            or spec.job_id in self._results
             or (self.journal is not None and self.journal.known(spec.job_id))
         ):
             # QoS 1 redelivery or a client retry: submission is idempotent per job id.
             self.rejected["duplicate_job"] += 1
-            logger.info(
-                "job %s submitted again; ignored", spec.job_id, extra=_log_ids(job_id=spec.job_id)
-            )
+            self._submitted_again(spec)
             return
         try:
             if isinstance(spec, MonitorJob):
@@ -649,6 +660,69 @@ class Coordinator:
                 self.submit(spec)
         except OffloadError as e:
             self._reject(payload, e.code, e.message, job_id=spec.job_id, client_id=spec.client_id)
+
+    def _submitted_again(self, spec: InferenceJob | MonitorJob) -> None:
+        """A known job id was submitted again: by a client that reconnected (it submits
+        again what it still waits for) or a QoS 1 redelivery. A running job is left
+        alone (its result comes when it is done); a finished one's kept result is sent
+        again to its owner, or, if it is no longer kept, a ``result_expired`` error."""
+        job_id = spec.job_id
+        ids = _log_ids(job_id=job_id)
+        job = self.ledger.jobs.get(job_id)
+        if (
+            isinstance(spec, MonitorJob)
+            or job_id in self.monitors
+            or (job is not None and not job.terminal)
+        ):
+            logger.info("job %s submitted again; ignored", job_id, extra=ids)
+            return
+        held = self._results.get(job_id, time.monotonic())
+        # The owner: the same client id (which the submit topic's identity vouches for
+        # when identities are used). Anyone may ask again for an anonymous job's result:
+        # it went to the job's own result topic, which anyone may read. A job known only
+        # to the journal (finished before a restart) has an owner we no longer know: the
+        # answer is an error, which tells a stranger nothing.
+        known = held is not None or job is not None
+        owner = held.client_id if held is not None else job.client_id if job is not None else None
+        if owner is not None and spec.client_id != owner:
+            logger.warning(
+                "job %s submitted again by client %s, not its owner; ignored",
+                job_id,
+                spec.client_id or "<anonymous>",
+                extra=ids,
+            )
+            return
+        topics = [self.topics.replies(spec.client_id)] if spec.client_id is not None else []
+        if owner is None and (known or spec.client_id is None):
+            topics.append(self.topics.result(job_id))
+        if held is not None:
+            for topic in topics:
+                self._publish(topic, held.payload)
+            self.resent["resubmitted"] += 1
+            logger.info(
+                "job %s submitted again after it finished: its result was sent again",
+                job_id,
+                extra=ids,
+            )
+            return
+        error = ErrorInfo(
+            code="result_expired",
+            message=(
+                f"job {job_id!r} has finished and the coordinator no longer holds its result "
+                f"(results are kept {self.config.result_keep_s:g} s, up to "
+                f"{self.config.result_cache_bytes} bytes in all); submit it again under a "
+                "new job id"
+            ),
+        )
+        payload = JobResult(job_id=job_id, ok=False, error=error).to_json()
+        for topic in topics:
+            self._publish(topic, payload)
+        self.resent["expired"] += 1
+        logger.warning(
+            "job %s submitted again after it finished, but its result is no longer held",
+            job_id,
+            extra=ids,
+        )
 
     def submit(
         self,
@@ -1588,9 +1662,21 @@ class Coordinator:
                     }
                 )
             payload = encode(result, job.spec.result_encoding)
-            self._publish(self.topics.result(job.job_id), payload)
+            topics = [self.topics.result(job.job_id)]
             if job.client_id is not None:
-                self._publish(self.topics.replies(job.client_id), payload)
+                topics.append(self.topics.replies(job.client_id))
+            sent = [self._publish(topic, payload) for topic in topics]
+            now = time.monotonic()
+            self._results.add(
+                HeldResult(
+                    job_id=job.job_id,
+                    client_id=job.client_id,
+                    payload=payload,
+                    topics=tuple(topics),
+                    finished=now,
+                    sent=now if all(sent) else None,
+                )
+            )
             self._publish_status(job)
         if job.trace is not None:
             job.trace.finish(job)
@@ -1601,10 +1687,51 @@ class Coordinator:
         job.outputs = []
         self._state_dirty = True
 
-    def _publish(self, topic: str, payload: bytes) -> None:
-        """Publish a message that must not be lost to a broker outage (final results)."""
-        if not self._link.publish_nowait(topic, payload) and len(self._unsent) < UNSENT_LIMIT:
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        """Publish a message that must not be lost to a broker outage (final results).
+
+        Returns whether it was handed to the connection; if not, it is kept for the next
+        one (up to ``UNSENT_LIMIT`` messages)."""
+        if self._link.publish_nowait(topic, payload):
+            return True
+        if len(self._unsent) < UNSENT_LIMIT:
             self._unsent.append((topic, payload))
+        return False
+
+    def _publish_results_again(self) -> None:
+        """After a reconnection: publish again the results the lost connection may have
+        swallowed.
+
+        ``publish_nowait`` hands a result to paho and the socket; if the connection dies
+        before the broker has read it, it is gone (the session is rebuilt, paho's queue
+        with it), and nothing tells us which messages made it. A connection is known good
+        up to the last message the broker sent us: it had read what we wrote up to about
+        then. A dead connection is noticed at once (a reset) or after a keepalive of
+        silence (paho's PINGREQ goes unanswered), so what we wrote more than a keepalive
+        before that last message has had ample time to be read. Publishing again every
+        result handed to the connection since ``last heard - keepalive`` is therefore
+        enough; it costs one more copy of about a keepalive's worth of results (30 s by
+        default), and clients drop results of jobs they no longer wait for. Results that
+        never reached the connection went out with ``_unsent`` just before this.
+        """
+        now = time.monotonic()
+        since = self._last_heard - self.config.broker.keepalive
+        again: list[str] = []
+        for held in self._results.all():
+            if held.sent is None:  # waited in _unsent, published just now
+                held.sent = now
+            elif held.sent >= since:
+                sent = [self._publish(topic, held.payload) for topic in held.topics]
+                held.sent = now if all(sent) else None
+                again.append(held.job_id)
+        if again:
+            self.resent["reconnected"] += len(again)
+            logger.info(
+                "published %d results again that the lost connection may not have delivered: %s",
+                len(again),
+                ", ".join(again[:20]) + (", ..." if len(again) > 20 else ""),
+                extra=_log_ids(jobs=again[:100]),
+            )
 
     def _publish_status(self, job: Job) -> None:
         status = JobStatus(
@@ -1632,6 +1759,7 @@ class Coordinator:
             if resumed is not None and now - resumed >= self.config.resume_grace_s:
                 self._release_resumed()
             self._expire_early_results(now)
+            self._results.expire(now)
             if (
                 self._early_submits
                 and self._link.connected.is_set()
@@ -1789,6 +1917,20 @@ class Coordinator:
             "reason",
             dict(self.rejected),
         )
+        yield counter(
+            "edge_offload_results_resent",
+            "Final results published again, by reason: resubmitted (a finished job submitted "
+            "again by its owner), reconnected (published shortly before the coordinator's "
+            "connection was lost), expired (submitted again after its result was let go: "
+            "answered with a result_expired error)",
+            "reason",
+            {r: self.resent[r] for r in ("resubmitted", "reconnected", "expired")},
+        )
+        yield gauge(
+            "edge_offload_results_held_bytes",
+            "Bytes of final results kept for clients that ask again (result_cache_bytes)",
+            values=self._results.nbytes,
+        )
         active = list(self.ledger.active.values())
         yield gauge(
             "edge_offload_queue_depth",
@@ -1913,6 +2055,7 @@ class Coordinator:
             )
         counts = dict(self.ledger.counts)
         counts.update((f"rejected_{k}", v) for k, v in self.rejected.items())
+        counts.update((f"results_resent_{k}", v) for k, v in self.resent.items())
         return CoordinatorState(
             online=online,
             ts=time.time(),

@@ -21,6 +21,7 @@ ErrorCode = Literal[
     "cancelled",  # stopped by its submitter
     "corrupt",  # a model transfer's chunk or file failed its sha256 or size check
     "no_room",  # the model does not fit the agent's model cache budget
+    "result_expired",  # a finished job was submitted again after its result was let go
     "internal",
 ]
 

@@ -455,6 +455,10 @@ class InferenceJob(Envelope):
     """
 
     type: Literal["inference"] = "inference"
+    # Submission is idempotent per job id: a known one never runs again. While the job
+    # runs, a copy is ignored; once it has finished, its owner (the same ``client_id``)
+    # gets its result again while the coordinator keeps it, and a ``result_expired``
+    # error after that.
     job_id: Id
     model: Id
     inputs: dict[str, Tensor]

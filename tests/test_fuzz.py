@@ -459,7 +459,7 @@ class CoordinatorOracle:
                 return "job_malformed", None
             if identity and spec.client_id not in (None, identity):
                 return "job_forbidden", spec
-            if spec.job_id in coord.ledger.jobs:
+            if spec.job_id in coord.ledger.jobs or spec.job_id in coord._results:
                 return "duplicate_job", spec
             return "job_judged", spec
         try:
