@@ -317,6 +317,8 @@ class Ledger:
         # heap of (lease_until, attempt, task_id, task)
         self._leases: list[tuple[float, int, str, Microtask]] = []
         self.counts: Counter[str] = Counter()
+        # Samples in flight by model, over every agent (the dispatcher's backlog horizon).
+        self.in_flight_samples: Counter[str] = Counter()
 
     def _journal(self, job: Job) -> Journal | None:
         return self.journal if job.journaled else None
@@ -402,6 +404,8 @@ class Ledger:
             agent.progress_mark = task.dispatched_at
         agent.in_flight[task.task_id] = task
         agent.queued_ms += est_ms
+        agent.changed()
+        self.in_flight_samples[task.job.spec.model] += task.samples
         heapq.heappush(self._leases, (task.lease_until, task.attempt, task.task_id, task))
         if (journal := self._journal(task.job)) is not None:
             journal.task_changed(task)
@@ -422,6 +426,8 @@ class Ledger:
         if agent is not None and agent.in_flight.pop(task.task_id, None) is not None:
             agent.queued_ms = max(agent.queued_ms - task.est_ms, 0.0)
             agent.progress_mark = time.monotonic()
+            agent.changed()
+            self.in_flight_samples[task.job.spec.model] -= task.samples
 
     def is_current(self, task: Microtask, attempt: int, agent_id: str) -> bool:
         return (

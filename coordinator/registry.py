@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from protocol import AgentState, Capabilities, Heartbeat, ModelInfo
 
@@ -97,13 +97,13 @@ class AgentRecord:
     agent_id: str
     seq: int
     capabilities: Capabilities
-    online: bool = True
+    _online: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: Heartbeat | None = None
     heartbeat_at: float = 0.0  # monotonic time of the last heartbeat
-    draining: bool = False
+    _draining: bool = False
     # Silent for a while, or let a lease expire: no new work until it is heard from again.
-    suspect: bool = False
+    _suspect: bool = False
     in_flight: dict[str, Microtask] = field(default_factory=dict)
     costs: dict[str, CostModel] = field(default_factory=dict)
     models: dict[str, ModelInfo] = field(default_factory=dict)
@@ -123,11 +123,59 @@ class AgentRecord:
     # the models whose cost model is borrowed from other agents until it has measured one.
     deploy_ms: dict[str, float] = field(default_factory=dict)
     borrowed_costs: set[str] = field(default_factory=set)
+    # The registry's change sets (coordinator.placement): this agent is added to each when
+    # what a finish estimate reads of it changes (work in flight, costs, link).
+    watchers: list[set[AgentRecord]] = field(default_factory=list, repr=False)
+
+    # Moves whenever any agent's fitness for new work changes (online, draining, suspect,
+    # models, capabilities): lists of candidate agents cached against it are then stale.
+    epoch: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         self._load_models()
 
+    def changed(self) -> None:
+        """What a finish estimate reads of this agent changed."""
+        for watcher in self.watchers:
+            watcher.add(self)
+
+    @staticmethod
+    def refit() -> None:
+        """Some agent's fitness for new work changed."""
+        AgentRecord.epoch += 1
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    @online.setter
+    def online(self, value: bool) -> None:
+        if value != self._online:
+            self._online = value
+            self.refit()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if value != self._draining:
+            self._draining = value
+            self.refit()
+
+    @property
+    def suspect(self) -> bool:
+        return self._suspect
+
+    @suspect.setter
+    def suspect(self, value: bool) -> None:
+        if value != self._suspect:
+            self._suspect = value
+            self.refit()
+
     def _load_models(self) -> None:
+        self.refit()
         self.models = {m.id: m for m in self.capabilities.models}
         old = {k: v for k, v in self.costs.items() if k not in self.borrowed_costs}
         self.borrowed_costs.clear()
@@ -178,6 +226,9 @@ class Registry:
     def __init__(self) -> None:
         self.agents: dict[str, AgentRecord] = {}
         self.stale_states = 0
+        # Sets of agents whose estimates changed, one per cached placement index; shared
+        # with every record (AgentRecord.changed).
+        self.watchers: list[set[AgentRecord]] = []
 
     def apply_state(self, msg: AgentState) -> tuple[AgentRecord | None, str]:
         """Apply a birth or death; return the record and what happened (``born``,
@@ -194,7 +245,12 @@ class Registry:
             if msg.capabilities is None:
                 return rec, "no_capabilities"
             if rec is None:
-                rec = AgentRecord(agent_id=msg.agent_id, seq=msg.seq, capabilities=msg.capabilities)
+                rec = AgentRecord(
+                    agent_id=msg.agent_id,
+                    seq=msg.seq,
+                    capabilities=msg.capabilities,
+                    watchers=self.watchers,
+                )
                 self.agents[msg.agent_id] = rec
                 return rec, "born"
             was_online, same_session = rec.online, rec.seq == msg.seq
@@ -216,6 +272,7 @@ class Registry:
         # learned costs are kept for when it comes back.
         rec.capabilities = rec.capabilities.model_copy(update={"labels": {}, "models": []})
         rec.models = {}
+        rec.refit()
         self._forget_dead(MAX_DEAD_AGENTS)
         return rec, "died"
 

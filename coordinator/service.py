@@ -27,7 +27,8 @@ from coordinator.journal import Journal
 from coordinator.ledger import Job, Ledger, Microtask, TaskState
 from coordinator.limits import RateLimiter
 from coordinator.monitor import Monitor, Outcome, Window
-from coordinator.policies import Placement, Policy, make_policy
+from coordinator.placement import Candidates, FinishIndex
+from coordinator.policies import EarliestFinish, Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, CostModel, Registry
 from coordinator.results import HeldResult, ResultCache
@@ -101,6 +102,10 @@ HEALTH_INTERVAL_S = 0.5
 # that placing work for a large fleet never keeps the loop from reading (heartbeats,
 # results) and from writing the microtasks it placed.
 DISPATCH_SLICE_S = 0.02
+# How long a job's list of candidate agents is reused when no agent's fitness for work
+# changed (AgentRecord.epoch), and while some candidate would first be sent the model.
+CANDIDATES_TTL_S = 2.0
+CANDIDATES_DOWNLOAD_TTL_S = 0.25
 # A microtask moving at least this many bytes (inputs and outputs) measures an agent's
 # link bandwidth; smaller ones its latency.
 LINK_SAMPLE_BYTES = 64 * 1024
@@ -121,6 +126,8 @@ class Coordinator:
         self.ledger = Ledger(max_attempts=config.max_attempts, journal=self.journal)
         self.rejected: Counter[str] = Counter()
         self._policies: dict[str, Policy] = {}
+        # Job id -> its candidate agents and placement index (coordinator.placement).
+        self._placements: dict[str, Candidates] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._dispatch_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -564,6 +571,7 @@ class Coordinator:
         else:
             agent.latency_ms += 0.2 * (transfer - agent.latency_ms)
         agent.exec_ms_avg += 0.2 * (max(msg.exec_ms, 0.01) - agent.exec_ms_avg)
+        agent.changed()
 
     def _find_task(self, job_id: str, task_id: str) -> Microtask | None:
         """The microtask with this exact id (``{job}.{index}``, or ``{job}.{index}x{n}``
@@ -1320,14 +1328,25 @@ class Coordinator:
             if placed and time.monotonic() > stop_at:
                 self._kick()  # the rest on the next iteration, after I/O
                 return
-            candidates = self._candidates(job)
+            placement = self._placement(job, now)
+            candidates = placement.candidates
             if not candidates:
                 continue
             # Work with a deadline may also use one more microtask per slot than credit
             # allows: it overtakes queued batch work on the agent (RunTask.deadline).
             credit = self._urgent_credit if job.deadline is not None else self.credit
             policy = self._policy(job.policy)
-            backlog = self._backlog_ms(job, candidates)
+            index = placement.index
+            if index is None and isinstance(policy, EarliestFinish):
+                index = placement.index = FinishIndex(
+                    candidates,
+                    model=job.spec.model,
+                    samples=job.batch_size,
+                    payload_bytes=job.batch_size * job.bytes_per_sample + job.whole_bytes,
+                    credit=credit,
+                )
+                self.registry.watchers.append(index.changes)
+            backlog = self._backlog_ms(job, placement)
             unplaceable: list[Microtask] = []
             while job.pending:
                 task = job.pending[0]
@@ -1340,7 +1359,15 @@ class Coordinator:
                     continue
                 task.unplaceable_since = 0.0
                 nbytes = job.payload_bytes(task)
-                ctx = Placement(credit=credit, payload_bytes=nbytes, backlog_ms=backlog)
+                indexed = (
+                    index is not None and eligible is candidates and task.samples == index.samples
+                )
+                ctx = Placement(
+                    credit=credit,
+                    payload_bytes=nbytes,
+                    backlog_ms=backlog,
+                    index=index if indexed else None,
+                )
                 agent = policy.choose(task, eligible, ctx)
                 if agent is None or credit(agent) <= 0:
                     break
@@ -1353,6 +1380,35 @@ class Coordinator:
             job.pending.extendleft(reversed(unplaceable))
             if self._give_up_unplaceable(job, unplaceable):
                 self._finish(job)
+
+    def _placement(self, job: Job, now: float) -> Candidates:
+        """``job``'s candidates, cached until an agent's fitness for work changes (a birth,
+        a death, a suspicion: AgentRecord.epoch) or for a short while (a catalog change,
+        a download's progress)."""
+        cached = self._placements.get(job.job_id)
+        if cached is not None and cached.epoch == AgentRecord.epoch and now < cached.expires:
+            return cached
+        if len(self._placements) > 2 * len(self.ledger.active):
+            for job_id in [j for j in self._placements if j not in self.ledger.active]:
+                self._drop_placement(job_id)
+        self._drop_placement(job.job_id)
+        candidates = self._candidates(job)
+        model, sha = job.spec.model, job.model_sha256
+        downloads = any(not a.has_model(model, sha) for a in candidates)
+        fresh = Candidates(
+            candidates=candidates,
+            epoch=AgentRecord.epoch,
+            expires=now + (CANDIDATES_DOWNLOAD_TTL_S if downloads else CANDIDATES_TTL_S),
+            rate=sum(a.slots / a.costs[model].per_sample_ms for a in candidates),
+        )
+        self._placements[job.job_id] = fresh
+        return fresh
+
+    def _drop_placement(self, job_id: str) -> None:
+        old = self._placements.pop(job_id, None)
+        if old is not None and old.index is not None:
+            changes = old.index.changes
+            self.registry.watchers[:] = [w for w in self.registry.watchers if w is not changes]
 
     def _candidates(self, job: Job) -> list[AgentRecord]:
         """Agents that may run ``job``'s microtasks now, by id: those with the model, and
@@ -1524,13 +1580,12 @@ class Coordinator:
         )
         self._link.publish_nowait(self.topics.tasks(agent.agent_id), encode(msg, encoding), qos=1)
 
-    def _backlog_ms(self, job: Job, candidates: list[AgentRecord]) -> float:
-        """Time for ``candidates`` to get through this job's pending and in-flight samples."""
-        model = job.spec.model
-        rate = sum(a.slots / a.costs[model].per_sample_ms for a in candidates)  # samples/ms
-        pending = sum(t.samples for t in job.pending)
-        in_flight = sum(t.samples for a in candidates for t in a.in_flight.values())
-        return (pending + in_flight) / rate if rate > 0 else 0.0
+    def _backlog_ms(self, job: Job, placement: Candidates) -> float:
+        """Time for the candidates to get through this job's pending samples and the
+        samples of its model in flight."""
+        pending = len(job.pending) * job.batch_size  # the last microtask may be smaller
+        in_flight = self.ledger.in_flight_samples[job.spec.model]
+        return (pending + in_flight) / placement.rate if placement.rate > 0 else 0.0
 
     def _policy(self, name: str) -> Policy:
         if name not in self._policies:
@@ -1579,6 +1634,7 @@ class Coordinator:
 
     # -- completion -----------------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
+        self._drop_placement(job.job_id)
         if job.on_finish is not None:  # windows of a monitoring job
             self.ledger.finished(job)
             self.ledger.jobs.pop(job.job_id, None)

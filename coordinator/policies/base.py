@@ -7,8 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from coordinator.placement import start_and_run_ms
+
 if TYPE_CHECKING:
     from coordinator.ledger import Microtask
+    from coordinator.placement import FinishIndex
     from coordinator.registry import AgentRecord
 
 
@@ -23,6 +26,9 @@ class Placement:
     # Estimated time (ms) for the fleet to finish the work pending and in flight for this
     # model: a slower device is worth using for a task it finishes within this horizon.
     backlog_ms: float
+    # The candidates by estimated finish (coordinator.placement), when the dispatcher keeps
+    # one for this job and ``task`` is of the size it is keyed for; None: scan the candidates.
+    index: FinishIndex | None = None
 
 
 class Policy(Protocol):
@@ -43,9 +49,7 @@ class Policy(Protocol):
 
 def estimate_finish_ms(agent: AgentRecord, task: Microtask, payload_bytes: int) -> float:
     """Queue wait + transfer + execution of ``task`` on ``agent``, in ms from now."""
-    model = task.job.spec.model
-    cost = agent.costs[model]
-    wait = agent.wait_ms(time.monotonic())
-    if agent.deploy_ms:  # the agent lacks the model: it runs once the model is installed
-        wait = max(wait, agent.deploy_ms.get(model, 0.0))
-    return wait + agent.transfer_ms(payload_bytes) + cost.estimate(task.samples)
+    wait, run = start_and_run_ms(
+        agent, task.job.spec.model, task.samples, payload_bytes, time.monotonic()
+    )
+    return wait + run

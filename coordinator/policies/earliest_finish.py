@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from coordinator.ledger import Microtask
+from coordinator.placement import FinishIndex
 from coordinator.policies.base import Placement, estimate_finish_ms
 from coordinator.registry import AgentRecord
 
@@ -24,6 +26,8 @@ class EarliestFinish:
     def choose(
         self, task: Microtask, candidates: Sequence[AgentRecord], ctx: Placement
     ) -> AgentRecord | None:
+        if ctx.index is not None:
+            return self._choose_indexed(ctx.index, ctx.backlog_ms)
         best: AgentRecord | None = None
         best_ms = float("inf")
         ready: AgentRecord | None = None
@@ -37,3 +41,13 @@ class EarliestFinish:
         if ready is not None and (ready is best or ready_ms <= max(ctx.backlog_ms, best_ms)):
             return ready
         return best
+
+    @staticmethod
+    def _choose_indexed(index: FinishIndex, backlog_ms: float) -> AgentRecord | None:
+        """The same rule, in O(log N) (coordinator.placement)."""
+        best, ready = index.best(time.monotonic())
+        if ready is not None and (
+            best is None or ready[1] is best[1] or ready[0] <= max(backlog_ms, best[0])
+        ):
+            return ready[1]
+        return best[1] if best is not None else None

@@ -1,0 +1,128 @@
+"""The placement index answers what a scan of the fleet would, as work comes and goes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from coordinator.ledger import Job, Ledger, Microtask
+from coordinator.placement import FinishIndex, start_and_run_ms
+from coordinator.registry import AgentRecord, Registry
+from protocol import AgentState, InferenceJob, encode_arrays
+from tests.coordinator.test_ledger import model
+from tests.coordinator.test_registry import caps
+
+
+def fleet(rng: random.Random, n: int) -> tuple[Registry, list[AgentRecord]]:
+    registry = Registry()
+    for i in range(n):
+        # a few speed classes, so that equal estimates (ties) occur too
+        per_sample = rng.choice([0.01, 0.02, 0.04, rng.uniform(0.005, 0.05)])
+        registry.apply_state(
+            AgentState(
+                agent_id=f"a{i:03d}",
+                online=True,
+                seq=1,
+                ts=1.0,
+                capabilities=caps(slots=rng.choice([1, 2, 4]), models=[model(per_sample)]),
+            )
+        )
+    agents = sorted(registry.agents.values(), key=lambda a: a.agent_id)
+    for a in agents:
+        a.latency_ms = rng.choice([0.3, 0.3, rng.uniform(0.1, 20.0)])
+        a.bytes_per_ms = rng.choice([50_000.0, rng.uniform(100.0, 50_000.0)])
+    return registry, agents
+
+
+def big_job(samples: int, batch: int) -> Job:
+    x = np.zeros((samples, 2), np.float32)
+    spec = InferenceJob(job_id="j", model="m", inputs=encode_arrays({"x": x}))
+    job = Job(spec=spec, arrays={"x": x}, batch_size=batch, policy="earliest_finish")
+    job.split()
+    return job
+
+
+def scan(
+    agents: list[AgentRecord],
+    credit: dict[AgentRecord, int],
+    payload: int,
+    samples: int,
+    now: float,
+) -> tuple[float, float]:
+    """(best ms over all, best ms over those with credit), the way a scan finds them."""
+    ms = {a: sum(start_and_run_ms(a, "m", samples, payload, now)) for a in agents}
+    return min(ms.values()), min((v for a, v in ms.items() if credit[a] > 0), default=np.inf)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_index_finds_the_same_earliest_finish_as_a_scan(seed: int) -> None:
+    rng = random.Random(seed)
+    registry, agents = fleet(rng, rng.choice([1, 7, 60]))
+    ledger = Ledger(max_attempts=100)
+    job = big_job(samples=4_000, batch=4)
+    ledger.add(job)
+    limit = {a: a.slots * 2 for a in agents}
+
+    def credit(a: AgentRecord) -> int:
+        return limit[a] - len(a.in_flight)
+
+    payload = job.batch_size * job.bytes_per_sample + job.whole_bytes
+    index = FinishIndex(agents, model="m", samples=4, payload_bytes=payload, credit=credit)
+    registry.watchers.append(index.changes)
+    running: list[tuple[Microtask, AgentRecord]] = []
+    clock = time.monotonic()
+    checked = 0
+    for _ in range(600):
+        clock += rng.choice([0.0, 0.0, 0.0005, 0.003, 0.05])  # time passes, unevenly
+        event = rng.random()
+        if event < 0.5 and job.pending:  # place a microtask where the index says
+            best, ready = index.best(clock)
+            want_best, want_ready = scan(agents, {a: credit(a) for a in agents}, payload, 4, clock)
+            assert best is not None and best[0] == pytest.approx(want_best, abs=1e-6)
+            if want_ready == np.inf:
+                assert ready is None
+                continue
+            assert ready is not None and ready[0] == pytest.approx(want_ready, abs=1e-6)
+            checked += 1
+            task = job.pending.popleft()
+            ledger.dispatch(task, ready[1], lease_s=60, est_ms=rng.uniform(0.05, 5.0))
+            running.append((task, ready[1]))
+        elif event < 0.85 and running:  # a result comes back, refining the agent's costs
+            task, agent = running.pop(rng.randrange(len(running)))
+            agent.costs["m"].observe(task.samples, rng.uniform(0.01, 1.0))
+            agent.latency_ms = rng.uniform(0.1, 5.0)
+            ledger.complete(task, agent, {"y": np.zeros((4, 2), np.float32)}, registry.agents)
+            agent.changed()
+        elif running:  # the lease of one runs out and it goes back to the queue
+            task, agent = running.pop(rng.randrange(len(running)))
+            ledger.retry(task, agent, "lease_expired", "late")
+    assert checked > 100
+    # every re-key leaves a stale entry behind; compaction keeps the heaps bounded
+    assert len(index._all) + len(index._ready) <= 4 * len(agents) + 64 + 2
+
+
+def test_an_agent_still_downloading_the_model_is_keyed_by_when_it_can_start() -> None:
+    rng = random.Random(7)
+    registry, agents = fleet(rng, 3)
+    for a in agents:
+        a.latency_ms, a.bytes_per_ms = 0.3, 50_000.0
+        a.costs["m"].overhead_ms, a.costs["m"].per_sample_ms = 0.0, 0.01
+    agents[0].deploy_ms["m"] = 500.0  # installed in 0.5 s
+    agents[0].costs["m"].per_sample_ms = 0.001  # ... but then ten times as fast
+    now = time.monotonic()
+    index = FinishIndex(
+        agents, model="m", samples=100, payload_bytes=800, credit=lambda a: 1, now=now
+    )
+    registry.watchers.append(index.changes)
+    best, _ = index.best(now)
+    assert best is not None and best[1] is agents[1] and best[0] == pytest.approx(1.316)
+    # the others are kept busy for a second; the downloader is now the earliest finish
+    for a in agents[1:]:
+        a.deploy_ms["m"] = 1_000.0
+        a.changed()
+    best, _ = index.best(now)
+    assert best is not None and best[1] is agents[0]
+    assert best[0] == pytest.approx(500.0 + 0.316 + 0.1)
