@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # Linux only; elsewhere a flush of many packets goes out as it is written.
 CORK: int | None = getattr(socket, "TCP_CORK", None)
+CORK_BELOW_BYTES = 16 * 1024
 # paho's default of 20 unacknowledged QoS 1 messages throttles a dispatcher that sends
 # thousands of microtasks; the broker's own limit (max_inflight_messages) still applies.
 MAX_INFLIGHT = 65535
@@ -307,9 +308,11 @@ class FastPath:
         # below one loopback MSS (64 KiB), and Linux then stops sending for seconds (seen:
         # 2.7 MB unsent, the window 57 KB, nothing sent for 8 s, leases expiring). Corked,
         # a flush of many packets leaves in full segments; uncorking sends the rest at
-        # once, so a single message is not delayed.
+        # once, so a single message is not delayed. Large packets fill segments anyway:
+        # a burst that starts with one is not corked.
         cork = None
-        if CORK is not None and len(self._paho._out_packet) > 1:
+        out = self._paho._out_packet
+        if CORK is not None and len(out) > 1 and out[0]["to_process"] < CORK_BELOW_BYTES:
             cork = getattr(sock, "setsockopt", None)  # a TCP or TLS socket; not a websocket
         try:
             if cork is not None:
