@@ -313,6 +313,8 @@ class _Bar:
     kind: str
 
 
+# Microtasks on one agent slot up to which the Gantt chart outlines each of them.
+GANTT_EDGES_UP_TO = 400
 _KINDS = {
     "first": ("first attempt", "#4878d0"),
     "retried": ("retried microtask (earlier attempt failed)", "#ee854a"),
@@ -427,11 +429,14 @@ def plot(trace: JobTrace, path: Path, report: Report | None = None) -> Path:
                     if b.kind == kind and b.lane == lane
                 ]
                 if spans:
+                    # A thin white edge shows where one microtask ends and the next starts,
+                    # as long as the bars are wide enough for it not to whiten the lane.
                     gantt.broken_barh(
                         spans,
                         (base[a] + lane + 0.1, 0.8),
                         facecolors=_KINDS[kind][1],
-                        edgecolors="none",
+                        edgecolors="white" if len(spans) <= GANTT_EDGES_UP_TO else "none",
+                        linewidth=0.5,
                     )
         if base[a]:
             gantt.axhline(base[a], color="#999999", linewidth=0.6)
