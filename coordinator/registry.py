@@ -90,6 +90,22 @@ class CostModel:
         self.observations += 1
 
 
+class _Fitness:
+    """A flag of an agent's fitness for new work, kept in ``_<name>``: changing it moves
+    AgentRecord.epoch (cached candidate lists are then stale)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = f"_{name}"
+
+    def __get__(self, obj: object, objtype: type | None = None) -> bool:
+        return bool(getattr(obj, self._attr))
+
+    def __set__(self, obj: object, value: bool) -> None:
+        if value != getattr(obj, self._attr):
+            setattr(obj, self._attr, value)
+            AgentRecord.refit()
+
+
 @dataclass(eq=False)
 class AgentRecord:
     """What the coordinator knows about one agent."""
@@ -144,35 +160,9 @@ class AgentRecord:
         """Some agent's fitness for new work changed."""
         AgentRecord.epoch += 1
 
-    @property
-    def online(self) -> bool:
-        return self._online
-
-    @online.setter
-    def online(self, value: bool) -> None:
-        if value != self._online:
-            self._online = value
-            self.refit()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        if value != self._draining:
-            self._draining = value
-            self.refit()
-
-    @property
-    def suspect(self) -> bool:
-        return self._suspect
-
-    @suspect.setter
-    def suspect(self, value: bool) -> None:
-        if value != self._suspect:
-            self._suspect = value
-            self.refit()
+    online = _Fitness()
+    draining = _Fitness()
+    suspect = _Fitness()
 
     def _load_models(self) -> None:
         self.refit()

@@ -126,3 +126,17 @@ def test_an_agent_still_downloading_the_model_is_keyed_by_when_it_can_start() ->
     best, _ = index.best(now)
     assert best is not None and best[1] is agents[0]
     assert best[0] == pytest.approx(500.0 + 0.316 + 0.1)
+
+
+def test_a_change_of_fitness_for_work_makes_cached_candidate_lists_stale() -> None:
+    registry, (a,) = fleet(random.Random(1), 1)
+    epoch = AgentRecord.epoch
+    a.suspect = True
+    assert (AgentRecord.epoch, a.available) == (epoch + 1, False)
+    a.suspect = True  # no change: the cached lists stay
+    a.heard_from()  # heard from again: no longer suspect
+    assert (AgentRecord.epoch, a.available) == (epoch + 2, True)
+    a.draining = True
+    assert AgentRecord.epoch == epoch + 3
+    registry.apply_state(AgentState(agent_id=a.agent_id, online=False, seq=2, ts=2.0))
+    assert AgentRecord.epoch > epoch + 3 and not a.online

@@ -140,6 +140,20 @@ def assert_direct(out: Any, x: np.ndarray[Any, Any]) -> None:
     assert np.array_equal(out["probabilities"], prob)
 
 
+async def one_agent_fleet(
+    agent_address: BrokerAddress,
+    coordinator_address: BrokerAddress,
+    agent_factory: Any,
+    coordinator_factory: Any,
+    **coordinator_options: Any,
+) -> tuple[Any, Coordinator]:
+    """One one-slot agent and a coordinator that has seen it (each through its address)."""
+    agent = await agent_factory(agent_address, "rd-worker", slots=1)
+    coord: Coordinator = await coordinator_factory(coordinator_address, **coordinator_options)
+    await coord.wait_for_agents(1)
+    return agent, coord
+
+
 async def finish_while_the_client_is_away(
     address: BrokerAddress,
     root: str,
@@ -153,9 +167,9 @@ async def finish_while_the_client_is_away(
     Returns the coordinator and the outcome of ``handle.result()`` (the outputs or the
     JobError)."""
     async with Gate(address) as agent_gate, Gate(address) as client_gate:
-        await agent_factory(agent_gate.address, "rd-worker", slots=1)
-        coord: Coordinator = await coordinator_factory(address, **coordinator_options)
-        await coord.wait_for_agents(1)
+        _, coord = await one_agent_fleet(
+            agent_gate.address, address, agent_factory, coordinator_factory, **coordinator_options
+        )
         async with OffloadClient(client_gate.address, root=root, client_id="rd-client") as client:
             agent_gate.hold()  # the agent's result waits at the gate...
             handle = await client.submit("digits-mlp", x, batch_size=len(x))
@@ -220,9 +234,9 @@ async def test_a_submission_lost_with_the_clients_link_is_submitted_again(
     digits: Any,
 ) -> None:
     x = digits[0][:40]
-    await agent_factory(mosquitto_address, "rd-worker", slots=1)
-    coord: Coordinator = await coordinator_factory(mosquitto_address)
-    await coord.wait_for_agents(1)
+    _, coord = await one_agent_fleet(
+        mosquitto_address, mosquitto_address, agent_factory, coordinator_factory
+    )
     async with (
         Gate(mosquitto_address) as gate,
         OffloadClient(gate.address, root=root, client_id="rd-client") as client,
@@ -245,9 +259,9 @@ async def test_only_the_jobs_owner_gets_its_result_again(
     digits: Any,
 ) -> None:
     x = digits[0][:40]
-    await agent_factory(mosquitto_address, "rd-worker", slots=1)
-    coord: Coordinator = await coordinator_factory(mosquitto_address)
-    await coord.wait_for_agents(1)
+    _, coord = await one_agent_fleet(
+        mosquitto_address, mosquitto_address, agent_factory, coordinator_factory
+    )
     async with (
         OffloadClient(mosquitto_address, root=root, client_id="owner") as owner,
         OffloadClient(mosquitto_address, root=root, client_id="intruder") as intruder,
@@ -281,12 +295,15 @@ async def test_a_result_lost_with_the_coordinators_link_is_published_again(
 ) -> None:
     x = digits[0][:40]
     async with Gate(mosquitto_address) as agent_gate, Gate(mosquitto_address) as coord_gate:
-        agent = await agent_factory(agent_gate.address, "rd-worker", slots=1)
         # Results handed to the connection in the last keepalive before it was last known
         # good are published again; a long keepalive keeps the second cut below inside it
         # however slow the machine.
-        coord: Coordinator = await coordinator_factory(replace(coord_gate.address, keepalive=600))
-        await coord.wait_for_agents(1)
+        agent, coord = await one_agent_fleet(
+            agent_gate.address,
+            replace(coord_gate.address, keepalive=600),
+            agent_factory,
+            coordinator_factory,
+        )
         async with OffloadClient(mosquitto_address, root=root, client_id="rd-client") as client:
             agent_gate.hold()
             handle = await client.submit("digits-mlp", x, batch_size=len(x))
