@@ -311,8 +311,8 @@ class FastPath:
         # once, so a single message is not delayed. Large packets fill segments anyway:
         # a burst that starts with one is not corked.
         cork = None
-        out = self._paho._out_packet
-        if CORK is not None and len(out) > 1 and out[0]["to_process"] < CORK_BELOW_BYTES:
+        out = self._paho._out_packet  # paho 2.x: a deque of dicts, the next to write first
+        if CORK is not None and len(out) > 1 and out[0].get("to_process", 0) < CORK_BELOW_BYTES:
             cork = getattr(sock, "setsockopt", None)  # a TCP or TLS socket; not a websocket
         try:
             if cork is not None:
