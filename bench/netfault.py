@@ -423,6 +423,12 @@ class DelayRelay:
     link has clocked it out, ``len / rate`` after the link was free (and the chunk due), so
     chunks queue behind each other and a transfer of N bytes takes at least ``N / rate``.
     Unset (None), the link is as fast as the host.
+
+    Faults on demand (call them from the relay's event loop): ``hold()`` keeps what clients
+    write towards the target (it is read and queued here, the target's side still flows)
+    until ``release()``; ``cut()`` aborts every relayed connection, dropping what is held,
+    as a link that dies with data in flight does, and with ``refuse=True`` turns new
+    connections away until ``restore()``.
     """
 
     def __init__(
@@ -461,6 +467,11 @@ class DelayRelay:
         self._handlers: set[asyncio.Task[None]] = set()
         self._closing = False
         self.accepted = 0
+        # Client -> target delivery of the current connections waits on this (hold()).
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._refusing = False
+        self._open: set[asyncio.StreamWriter] = set()
 
     @property
     def port(self) -> int:
@@ -473,6 +484,27 @@ class DelayRelay:
     def connections(self) -> int:
         """Connections currently being relayed."""
         return len(self._handlers)
+
+    def hold(self) -> None:
+        """Keep what clients write towards the target from now on (see the class)."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    def cut(self, *, refuse: bool = False) -> None:
+        """Abort every relayed connection now, dropping what is held; ``refuse``: and turn
+        new connections away until :meth:`restore`. New connections are not held."""
+        self._refusing = refuse
+        self._flowing = asyncio.Event()  # the cut connections' deliveries wait on the old one
+        self._flowing.set()
+        for w in self._open:
+            w.transport.abort()
+        for task in self._handlers:
+            task.cancel()
+
+    def restore(self) -> None:
+        self._refusing = False
 
     async def start(self) -> None:
         if self._server is not None:
@@ -552,7 +584,7 @@ class DelayRelay:
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         # asyncio.start_server's own task for this callback must not end cancelled (Python 3.11
         # logs an error then), so the relaying runs in a task of ours that close() may cancel.
-        if self._closing:
+        if self._closing or self._refusing:
             client_w.transport.abort()
             return
         self.accepted += 1
@@ -566,6 +598,8 @@ class DelayRelay:
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         graceful = False
         upstream_w: asyncio.StreamWriter | None = None
+        flowing = self._flowing
+        self._open.add(client_w)
         try:
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
@@ -575,9 +609,13 @@ class DelayRelay:
             except (OSError, TimeoutError) as e:
                 log.debug("relay: cannot reach %s:%d: %r", self.target_host, self.target_port, e)
                 return
-            graceful = await self._splice(client_r, client_w, upstream_r, upstream_w)
+            self._open.add(upstream_w)
+            if flowing is not self._flowing:  # cut while connecting
+                return
+            graceful = await self._splice(client_r, client_w, upstream_r, upstream_w, flowing)
         finally:
             streams = [w for w in (client_w, upstream_w) if w is not None]
+            self._open.difference_update(streams)
             if not graceful:  # mirror a failure (or our own close()) at once, like a reset
                 for w in streams:
                     w.transport.abort()
@@ -590,12 +628,14 @@ class DelayRelay:
         client_w: asyncio.StreamWriter,
         upstream_r: asyncio.StreamReader,
         upstream_w: asyncio.StreamWriter,
+        flowing: asyncio.Event,
     ) -> bool:
-        """Relay both ways until an EOF is delivered (True) or something fails (False)."""
+        """Relay both ways until an EOF is delivered (True) or something fails (False);
+        towards the target only while ``flowing`` is set."""
         up: asyncio.Queue[_Item] = asyncio.Queue(self._max_chunks)
         down: asyncio.Queue[_Item] = asyncio.Queue(self._max_chunks)
         writers = {
-            asyncio.create_task(_deliver(up, upstream_w, self.rate_bytes_per_s)),
+            asyncio.create_task(_deliver(up, upstream_w, self.rate_bytes_per_s, flowing)),
             asyncio.create_task(_deliver(down, client_w, self.return_rate_bytes_per_s)),
         }
         readers = {
@@ -630,7 +670,10 @@ async def _timestamp(src: asyncio.StreamReader, queue: asyncio.Queue[_Item], del
 
 
 async def _deliver(
-    queue: asyncio.Queue[_Item], dst: asyncio.StreamWriter, rate: float | None = None
+    queue: asyncio.Queue[_Item],
+    dst: asyncio.StreamWriter,
+    rate: float | None = None,
+    flowing: asyncio.Event | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     free_at = 0.0  # when the emulated link has clocked out everything delivered so far
@@ -647,6 +690,8 @@ async def _deliver(
         wait = due - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
+        if flowing is not None:
+            await flowing.wait()  # held: the chunk stays here
         if not data:
             return
         dst.write(data)

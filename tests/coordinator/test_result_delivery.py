@@ -10,13 +10,12 @@ and Mosquitto.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from bench.netfault import DelayRelay
 from coordinator import Coordinator, OffloadClient
 from protocol import BrokerAddress, InferenceJob, JobError, encode_arrays
 from tests.conftest import wait_until
@@ -24,100 +23,17 @@ from tests.coordinator.test_jobs import direct
 from tests.test_metrics import scrape
 
 
-class Gate:
-    """A TCP relay between MQTT clients and the broker that can hold, cut and refuse.
+def gate(target: BrokerAddress) -> DelayRelay:
+    """A relay between MQTT clients and the broker that the tests hold, cut and refuse
+    (``bench.netfault.DelayRelay`` without a delay): holding is what makes a message
+    certain to be lost by the cut that follows."""
+    return DelayRelay(
+        listen_host="127.0.0.1", target_host=target.host, target_port=target.port, delay_s=0
+    )
 
-    ``bench.netfault.DelayRelay`` delays and cuts, but these tests must lose a message
-    for certain, which takes holding it: while the gate holds, what the clients write
-    towards the broker is read and kept here (the broker's side still flows to them),
-    and ``cut()`` drops it with the connections, as a link that dies with data in flight
-    does. After a cut new connections go through, unless the gate refuses them.
-    """
 
-    def __init__(self, target: BrokerAddress) -> None:
-        self.target = target
-        self.refusing = False
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._server: asyncio.Server | None = None
-        self._pumps: set[asyncio.Task[None]] = set()
-        self._streams: set[asyncio.StreamWriter] = set()
-        self._handlers = 0
-
-    async def __aenter__(self) -> Gate:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut(refuse=True)
-        if self._server is not None:
-            self._server.close()
-        await wait_until(lambda: self._handlers == 0, timeout=10, what="the gate to close")
-
-    @property
-    def address(self) -> BrokerAddress:
-        assert self._server is not None
-        return replace(self.target, host="127.0.0.1", port=self._server.sockets[0].getsockname()[1])
-
-    def hold(self) -> None:
-        """Keep what the clients write from now on (the broker's side still flows)."""
-        self._flowing.clear()
-
-    def release(self) -> None:
-        self._flowing.set()
-
-    def cut(self, *, refuse: bool = False) -> None:
-        """Abort every connection, dropping what is held; ``refuse``: and refuse new ones
-        until :meth:`restore`. New connections are not held."""
-        self.refusing = refuse
-        for writer in self._streams:
-            writer.transport.abort()
-        for pump in self._pumps:
-            pump.cancel()
-        self._flowing.set()
-
-    def restore(self) -> None:
-        self.refusing = False
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        self._handlers += 1
-        streams = {writer}
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
-            streams.add(up_writer)
-            if self.refusing:  # closed while connecting
-                return
-            self._streams |= streams
-            pumps = {
-                asyncio.create_task(self._pump(reader, up_writer, gated=True)),
-                asyncio.create_task(self._pump(up_reader, writer, gated=False)),
-            }
-            self._pumps |= pumps
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            self._pumps -= pumps
-        except OSError:
-            pass
-        finally:
-            for w in streams:
-                w.transport.abort()
-            self._streams -= streams
-            self._handlers -= 1
-
-    async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool
-    ) -> None:
-        with contextlib.suppress(OSError):
-            while data := await src.read(65536):
-                if gated:
-                    await self._flowing.wait()
-                dst.write(data)
-                await dst.drain()
+def through(relay: DelayRelay, target: BrokerAddress) -> BrokerAddress:
+    return replace(target, host="127.0.0.1", port=relay.port)
 
 
 def job_spec(job_id: str, x: np.ndarray[Any, Any], client_id: str) -> InferenceJob:
@@ -166,11 +82,17 @@ async def finish_while_the_client_is_away(
 
     Returns the coordinator and the outcome of ``handle.result()`` (the outputs or the
     JobError)."""
-    async with Gate(address) as agent_gate, Gate(address) as client_gate:
+    async with gate(address) as agent_gate, gate(address) as client_gate:
         _, coord = await one_agent_fleet(
-            agent_gate.address, address, agent_factory, coordinator_factory, **coordinator_options
+            through(agent_gate, address),
+            address,
+            agent_factory,
+            coordinator_factory,
+            **coordinator_options,
         )
-        async with OffloadClient(client_gate.address, root=root, client_id="rd-client") as client:
+        async with OffloadClient(
+            through(client_gate, address), root=root, client_id="rd-client"
+        ) as client:
             agent_gate.hold()  # the agent's result waits at the gate...
             handle = await client.submit("digits-mlp", x, batch_size=len(x))
             await wait_until(lambda: handle.job_id in coord.ledger.jobs, what="the job")
@@ -238,12 +160,14 @@ async def test_a_submission_lost_with_the_clients_link_is_submitted_again(
         mosquitto_address, mosquitto_address, agent_factory, coordinator_factory
     )
     async with (
-        Gate(mosquitto_address) as gate,
-        OffloadClient(gate.address, root=root, client_id="rd-client") as client,
+        gate(mosquitto_address) as relay,
+        OffloadClient(
+            through(relay, mosquitto_address), root=root, client_id="rd-client"
+        ) as client,
     ):
-        gate.hold()
+        relay.hold()
         handle = await client.submit("digits-mlp", x, batch_size=len(x))
-        gate.cut()  # the submission is lost with the connection; the client reconnects
+        relay.cut()  # the submission is lost with the connection; the client reconnects
         assert handle.job_id not in coord.ledger.jobs
         out = await handle.result(timeout=60)
     assert_direct(out, x)
@@ -294,13 +218,13 @@ async def test_a_result_lost_with_the_coordinators_link_is_published_again(
     digits: Any,
 ) -> None:
     x = digits[0][:40]
-    async with Gate(mosquitto_address) as agent_gate, Gate(mosquitto_address) as coord_gate:
+    async with gate(mosquitto_address) as agent_gate, gate(mosquitto_address) as coord_gate:
         # Results handed to the connection in the last keepalive before it was last known
         # good are published again; a long keepalive keeps the second cut below inside it
         # however slow the machine.
         agent, coord = await one_agent_fleet(
-            agent_gate.address,
-            replace(coord_gate.address, keepalive=600),
+            through(agent_gate, mosquitto_address),
+            replace(through(coord_gate, mosquitto_address), keepalive=600),
             agent_factory,
             coordinator_factory,
         )
