@@ -52,8 +52,9 @@ class _Heaps:
         self.busy: list[_Entry] = []
         self._versions = versions
 
-    def push(self, entry: _Entry, now: float) -> None:
-        _, order, version, agent, run_ms, start = entry
+    def push(
+        self, order: int, version: int, agent: AgentRecord, run_ms: float, start: float, now: float
+    ) -> None:
         if start <= now:
             heapq.heappush(self.idle, (run_ms, order, version, agent, run_ms, start))
         else:
@@ -118,11 +119,10 @@ class FinishIndex:
         if self.model not in agent.costs:  # reborn without it: out until the list is rebuilt
             return
         wait_ms, run_ms = start_and_run_ms(agent, self.model, self.samples, self.payload_bytes, now)
-        start = now + wait_ms / 1000
-        entry = (0.0, self._order[agent], version, agent, run_ms, start)
-        self._all.push(entry, now)
+        key = (self._order[agent], version, agent, run_ms, now + wait_ms / 1000, now)
+        self._all.push(*key)
         if self._credit(agent) > 0:
-            self._ready.push(entry, now)
+            self._ready.push(*key)
 
     def sync(self, now: float) -> None:
         """Re-key the agents that changed since the last answer."""
@@ -158,4 +158,4 @@ class Candidates:
     epoch: int  # AgentRecord.epoch when they were listed
     expires: float  # monotonic s
     rate: float  # samples per ms they get through together (the backlog horizon)
-    index: FinishIndex | None = None
+    index: FinishIndex | None = None  # the job's policy's index of them (Policy.index)

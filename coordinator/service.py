@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -27,8 +27,8 @@ from coordinator.journal import Journal
 from coordinator.ledger import Job, Ledger, Microtask, TaskState
 from coordinator.limits import RateLimiter
 from coordinator.monitor import Monitor, Outcome, Window
-from coordinator.placement import Candidates, FinishIndex
-from coordinator.policies import EarliestFinish, Placement, Policy, make_policy
+from coordinator.placement import Candidates
+from coordinator.policies import Placement, Policy, make_policy
 from coordinator.policies.base import estimate_finish_ms
 from coordinator.registry import AgentRecord, CostModel, Registry
 from coordinator.results import HeldResult, ResultCache
@@ -571,7 +571,8 @@ class Coordinator:
         else:
             agent.latency_ms += 0.2 * (transfer - agent.latency_ms)
         agent.exec_ms_avg += 0.2 * (max(msg.exec_ms, 0.01) - agent.exec_ms_avg)
-        agent.changed()
+        # (placement indexes re-key the agent: the ledger's release of the task, which
+        # follows, marks it changed)
 
     def _find_task(self, job_id: str, task_id: str) -> Microtask | None:
         """The microtask with this exact id (``{job}.{index}``, or ``{job}.{index}x{n}``
@@ -1314,6 +1315,11 @@ class Coordinator:
     def _urgent_credit(self, agent: AgentRecord) -> int:
         return self.credit(agent) + agent.slots
 
+    def _credit_for(self, job: Job) -> Callable[[AgentRecord], int]:
+        # Work with a deadline may also use one more microtask per slot than credit
+        # allows: it overtakes queued batch work on the agent (RunTask.deadline).
+        return self._urgent_credit if job.deadline is not None else self.credit
+
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
         if not self._link.connected.is_set():
@@ -1332,20 +1338,9 @@ class Coordinator:
             candidates = placement.candidates
             if not candidates:
                 continue
-            # Work with a deadline may also use one more microtask per slot than credit
-            # allows: it overtakes queued batch work on the agent (RunTask.deadline).
-            credit = self._urgent_credit if job.deadline is not None else self.credit
+            credit = self._credit_for(job)
             policy = self._policy(job.policy)
             index = placement.index
-            if index is None and isinstance(policy, EarliestFinish):
-                index = placement.index = FinishIndex(
-                    candidates,
-                    model=job.spec.model,
-                    samples=job.batch_size,
-                    payload_bytes=job.batch_size * job.bytes_per_sample + job.whole_bytes,
-                    credit=credit,
-                )
-                self.registry.watchers.append(index.changes)
             backlog = self._backlog_ms(job, placement)
             unplaceable: list[Microtask] = []
             while job.pending:
@@ -1400,7 +1395,10 @@ class Coordinator:
             epoch=AgentRecord.epoch,
             expires=now + (CANDIDATES_DOWNLOAD_TTL_S if downloads else CANDIDATES_TTL_S),
             rate=sum(a.slots / a.costs[model].per_sample_ms for a in candidates),
+            index=self._policy(job.policy).index(job, candidates, self._credit_for(job)),
         )
+        if fresh.index is not None:
+            self.registry.watchers.append(fresh.index.changes)
         self._placements[job.job_id] = fresh
         return fresh
 

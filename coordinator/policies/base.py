@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Protocol
 from coordinator.placement import start_and_run_ms
 
 if TYPE_CHECKING:
-    from coordinator.ledger import Microtask
+    from coordinator.ledger import Job, Microtask
     from coordinator.placement import FinishIndex
     from coordinator.registry import AgentRecord
+
+
+Credit = Callable[["AgentRecord"], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +23,7 @@ class Placement:
     """What a policy may consult besides the candidates themselves."""
 
     # Microtasks an agent can still take now (in-flight limit minus in flight).
-    credit: Callable[[AgentRecord], int]
+    credit: Credit
     # Bytes of the microtask's inputs on the wire.
     payload_bytes: int
     # Estimated time (ms) for the fleet to finish the work pending and in flight for this
@@ -45,6 +48,13 @@ class Policy(Protocol):
     def choose(
         self, task: Microtask, candidates: Sequence[AgentRecord], ctx: Placement
     ) -> AgentRecord | None: ...
+
+    def index(
+        self, job: Job, candidates: Sequence[AgentRecord], credit: Credit
+    ) -> FinishIndex | None:
+        """An index of ``candidates`` that ``choose`` answers from (``Placement.index``,
+        kept by the dispatcher while the candidates stay the same), or None: it scans."""
+        ...
 
 
 def estimate_finish_ms(agent: AgentRecord, task: Microtask, payload_bytes: int) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from coordinator.ledger import Microtask
+from coordinator.ledger import Job, Microtask
 from coordinator.placement import FinishIndex
-from coordinator.policies.base import Placement, estimate_finish_ms
+from coordinator.policies.base import Credit, Placement, estimate_finish_ms
 from coordinator.registry import AgentRecord
 
 
@@ -41,6 +41,16 @@ class EarliestFinish:
         if ready is not None and (ready is best or ready_ms <= max(ctx.backlog_ms, best_ms)):
             return ready
         return best
+
+    def index(self, job: Job, candidates: Sequence[AgentRecord], credit: Credit) -> FinishIndex:
+        """The candidates by estimated finish of a microtask of the job's batch size."""
+        return FinishIndex(
+            candidates,
+            model=job.spec.model,
+            samples=job.batch_size,
+            payload_bytes=job.batch_size * job.bytes_per_sample + job.whole_bytes,
+            credit=credit,
+        )
 
     @staticmethod
     def _choose_indexed(index: FinishIndex, backlog_ms: float) -> AgentRecord | None:

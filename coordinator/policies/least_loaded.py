@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.ledger import Microtask
-from coordinator.policies.base import Placement
+from coordinator.ledger import Job, Microtask
+from coordinator.policies.base import Credit, Placement
 from coordinator.registry import AgentRecord
 
 
@@ -27,3 +27,6 @@ class LeastLoaded:
             if best is None or key < best_key:
                 best, best_key = agent, key
         return best
+
+    def index(self, job: Job, candidates: Sequence[AgentRecord], credit: Credit) -> None:
+        return None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.ledger import Microtask
-from coordinator.policies.base import Placement
+from coordinator.ledger import Job, Microtask
+from coordinator.policies.base import Credit, Placement
 from coordinator.registry import AgentRecord
 
 
@@ -28,3 +28,6 @@ class RoundRobin:
         if ctx.credit(agent) > 0:
             self._turn += 1
         return agent
+
+    def index(self, job: Job, candidates: Sequence[AgentRecord], credit: Credit) -> None:
+        return None
