@@ -24,12 +24,15 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler
 from threadpoolctl import threadpool_limits
 from zoo_common import (
+    DIGITS_CLASSES,
     DIGITS_DATA,
     DIGITS_LICENCE,
+    DIGITS_OUTPUTS,
     HOLDOUT_FRACTION,
     RANDOM_STATE,
     digits_split,
     load_digits_xy,
+    model_entry,
     pin_metadata,
     session,
     sha256_file,
@@ -45,7 +48,7 @@ MODEL_VERSION = "1"
 MODEL_FILE = "digits_mlp.onnx"
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 N_FEATURES = 64
-N_CLASSES = 10
+N_CLASSES = DIGITS_CLASSES
 PIXEL_MAX = 16.0  # load_digits pixels are integer intensities 0..16
 
 # Chosen with `python models/build.py --bench` (onnxruntime CPU, 1 intra/inter-op thread,
@@ -101,15 +104,12 @@ def export(pipe: Pipeline) -> onnx.ModelProto:
     return pin_metadata(
         model,
         graph_name="digits_mlp",
-        description=DESCRIPTION,
+        model_id=MODEL_ID,
         version=MODEL_VERSION,
-        props=(
-            ("id", MODEL_ID),
-            ("version", MODEL_VERSION),
-            ("source", SOURCE),
-            ("licence", LICENCE),
-            ("scikit-learn", sklearn.__version__),
-        ),
+        description=DESCRIPTION,
+        source=SOURCE,
+        licence=LICENCE,
+        props=(("scikit-learn", sklearn.__version__),),
     )
 
 
@@ -146,23 +146,17 @@ def build_digits_mlp(out_dir: Path) -> dict[str, Any]:
     holdout_acc = float(pipe.score(x_test, y_test))
     full_acc = float(np.mean(label == y))
     print(f"  {MODEL_FILE}: holdout accuracy {holdout_acc:.4f}, all {len(y)}: {full_acc:.4f}")
-    return {
-        "id": MODEL_ID,
-        "version": MODEL_VERSION,
-        "file": MODEL_FILE,
-        "sha256": sha256_file(path),
-        "size": path.stat().st_size,
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, N_FEATURES]}],
-        "outputs": [
-            {"name": "label", "dtype": "int64", "shape": [None]},
-            {"name": "probabilities", "dtype": "float32", "shape": [None, N_CLASSES]},
-        ],
-        "batch_axis": 0,
-        "task": "classification",
-        "description": DESCRIPTION,
-        "source": SOURCE,
-        "licence": LICENCE,
-        "build": {
+    return model_entry(
+        path,
+        model_id=MODEL_ID,
+        version=MODEL_VERSION,
+        inputs=[{"name": "input", "dtype": "float32", "shape": [None, N_FEATURES]}],
+        outputs=DIGITS_OUTPUTS,
+        task="classification",
+        description=DESCRIPTION,
+        source=SOURCE,
+        licence=LICENCE,
+        build={
             **toolchain(TARGET_OPSET),
             "random_state": RANDOM_STATE,
             "hidden_layer_sizes": list(HIDDEN_LAYER_SIZES),
@@ -170,7 +164,7 @@ def build_digits_mlp(out_dir: Path) -> dict[str, Any]:
             "holdout_accuracy": round(holdout_acc, 6),
             "full_accuracy": round(full_acc, 6),
         },
-    }
+    )
 
 
 DATASET_ID = "digits"

@@ -26,15 +26,17 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_info, threadpool_limits
 from zoo_common import (
+    DIGITS_CLASSES,
     DIGITS_DATA,
     DIGITS_LICENCE,
+    DIGITS_OUTPUTS,
     HOLDOUT_FRACTION,
     RANDOM_STATE,
     digits_split,
     load_digits_xy,
+    model_entry,
     pin_metadata,
     session,
-    sha256_file,
     toolchain,
 )
 
@@ -44,7 +46,7 @@ MODEL_ID = "digits-cnn"
 MODEL_VERSION = "1"
 MODEL_FILE = "digits_cnn.onnx"
 TARGET_OPSET = {"": 17}
-N_CLASSES = 10
+N_CLASSES = DIGITS_CLASSES
 SIDE = 8  # load_digits images are 8x8, intensities 0..16
 PIXEL_MAX = 16.0
 UP = 32  # side after upsampling: room for three 2x2 poolings (32 -> 16 -> 8 -> 4)
@@ -340,13 +342,12 @@ def export(params: Params) -> onnx.ModelProto:
     return pin_metadata(
         model,
         graph_name="digits_cnn",
-        description=DESCRIPTION,
+        model_id=MODEL_ID,
         version=MODEL_VERSION,
+        description=DESCRIPTION,
+        source=SOURCE,
+        licence=LICENCE,
         props=(
-            ("id", MODEL_ID),
-            ("version", MODEL_VERSION),
-            ("source", SOURCE),
-            ("licence", LICENCE),
             ("channels", ",".join(str(params[f"conv{i}_w"].shape[1]) for i in range(n_blocks))),
         ),
         producer_version=f"onnx-{onnx.__version__}",  # onnx.helper wrote it, not skl2onnx
@@ -425,23 +426,17 @@ def build_digits_cnn(out_dir: Path) -> dict[str, Any]:
         f"  {MODEL_FILE}: holdout accuracy {holdout_acc:.4f}, all {len(y)}: {full_acc:.4f} "
         f"({time.perf_counter() - t0:.0f} s)"
     )
-    return {
-        "id": MODEL_ID,
-        "version": MODEL_VERSION,
-        "file": MODEL_FILE,
-        "sha256": sha256_file(path),
-        "size": path.stat().st_size,
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, SIDE * SIDE]}],
-        "outputs": [
-            {"name": "label", "dtype": "int64", "shape": [None]},
-            {"name": "probabilities", "dtype": "float32", "shape": [None, N_CLASSES]},
-        ],
-        "batch_axis": 0,
-        "task": "classification",
-        "description": DESCRIPTION,
-        "source": SOURCE,
-        "licence": LICENCE,
-        "build": {
+    return model_entry(
+        path,
+        model_id=MODEL_ID,
+        version=MODEL_VERSION,
+        inputs=[{"name": "input", "dtype": "float32", "shape": [None, SIDE * SIDE]}],
+        outputs=DIGITS_OUTPUTS,
+        task="classification",
+        description=DESCRIPTION,
+        source=SOURCE,
+        licence=LICENCE,
+        build={
             **toolchain(TARGET_OPSET),
             "blas": blas_info(),
             "random_state": RANDOM_STATE,
@@ -462,7 +457,7 @@ def build_digits_cnn(out_dir: Path) -> dict[str, Any]:
             },
             "ms_per_sample": MS_PER_SAMPLE,
         },
-    }
+    )
 
 
 def bench() -> None:

@@ -21,7 +21,6 @@ roughly one normal window in a thousand.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import sys
@@ -45,7 +44,7 @@ MODELS_DIR = Path(__file__).resolve().parent
 # The training data comes from this checkout's simulator, whatever edge-offload is installed.
 sys.path.insert(0, str(MODELS_DIR.parent))
 
-from zoo_common import pin_metadata, session, toolchain  # noqa: E402
+from zoo_common import model_entry, pin_metadata, session, toolchain  # noqa: E402
 
 from coordinator.signals import (  # noqa: E402
     ANOMALY_KINDS,
@@ -525,13 +524,12 @@ def export(cal: Calibration) -> onnx.ModelProto:
     return pin_metadata(
         model,
         graph_name="vibration_anomaly",
-        description=DESCRIPTION,
+        model_id=MODEL_ID,
         version=MODEL_VERSION,
+        description=DESCRIPTION,
+        source=SOURCE,
+        licence=LICENCE,
         props=(
-            ("id", MODEL_ID),
-            ("version", MODEL_VERSION),
-            ("source", SOURCE),
-            ("licence", LICENCE),
             ("scikit-learn", sklearn.__version__),
             ("features", ",".join(FEATURE_NAMES)),
             ("threshold", repr(THRESHOLD)),
@@ -672,25 +670,22 @@ def build_vibration_anomaly(out_dir: Path) -> dict[str, Any]:
     )
     for k, v in recall.items():
         print(f"    {k:<14} recall {v:.4f}")
-    return {
-        "id": MODEL_ID,
-        "version": MODEL_VERSION,
-        "file": MODEL_FILE,
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "size": path.stat().st_size,
-        "inputs": [{"name": "window", "dtype": "float32", "shape": [None, WINDOW]}],
-        "outputs": [
+    return model_entry(
+        path,
+        model_id=MODEL_ID,
+        version=MODEL_VERSION,
+        inputs=[{"name": "window", "dtype": "float32", "shape": [None, WINDOW]}],
+        outputs=[
             {"name": "score", "dtype": "float32", "shape": [None, 1]},
             {"name": "is_anomaly", "dtype": "bool", "shape": [None, 1]},
         ],
-        "batch_axis": 0,
-        "task": "anomaly-detection",
-        "verdict": {"output": "score", "threshold": THRESHOLD, "op": ">"},
-        "window": {"size": WINDOW, "hop": HOP, "rate_hz": RATE_HZ, "unit": "mm/s"},
-        "description": DESCRIPTION,
-        "source": SOURCE,
-        "licence": LICENCE,
-        "build": {
+        task="anomaly-detection",
+        verdict={"output": "score", "threshold": THRESHOLD, "op": ">"},
+        window={"size": WINDOW, "hop": HOP, "rate_hz": RATE_HZ, "unit": "mm/s"},
+        description=DESCRIPTION,
+        source=SOURCE,
+        licence=LICENCE,
+        build={
             **toolchain(TARGET_OPSET),
             "random_state": RANDOM_STATE,
             "gmm_components": GMM_COMPONENTS,
@@ -721,7 +716,7 @@ def build_vibration_anomaly(out_dir: Path) -> dict[str, Any]:
                 **stream,
             },
         },
-    }
+    )
 
 
 def bench(batch: int = 64, rounds: int = 7) -> None:

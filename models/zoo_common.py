@@ -24,6 +24,13 @@ DIGITS_LICENCE = "BSD-3-Clause (scikit-learn bundled dataset)"
 
 Array = np.ndarray[Any, Any]
 
+# What a digits classifier of the zoo returns, for its manifest entry.
+DIGITS_CLASSES = 10
+DIGITS_OUTPUTS = [
+    {"name": "label", "dtype": "int64", "shape": [None]},
+    {"name": "probabilities", "dtype": "float32", "shape": [None, DIGITS_CLASSES]},
+]
+
 
 def load_digits_xy() -> tuple[Array, Array]:
     """All 1,797 load_digits images as float32 [N, 64] (0..16) and int64 labels."""
@@ -55,13 +62,17 @@ def pin_metadata(
     model: onnx.ModelProto,
     *,
     graph_name: str,
-    description: str,
+    model_id: str,
     version: str,
-    props: Iterable[tuple[str, str]],
+    description: str,
+    source: str,
+    licence: str,
+    props: Iterable[tuple[str, str]] = (),
     producer_version: str | None = None,
 ) -> onnx.ModelProto:
     """Name the batch axis ``N``, pin every free-form metadata field (so that a rebuild is
-    byte-identical), set ``props`` as the metadata, and check the model.
+    byte-identical), set the metadata (id, version, source, licence, then ``props``), and
+    check the model.
 
     ``producer_version`` defaults to the skl2onnx that converted the model."""
     for value_info in [*model.graph.input, *model.graph.output]:
@@ -74,10 +85,45 @@ def pin_metadata(
     model.domain = "org.edge-offload"
     model.model_version = int(version)
     del model.metadata_props[:]
-    for key, value in props:
+    common = (("id", model_id), ("version", version), ("source", source), ("licence", licence))
+    for key, value in (*common, *props):
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def model_entry(
+    path: Path,
+    *,
+    model_id: str,
+    version: str,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    task: str,
+    description: str,
+    source: str,
+    licence: str,
+    build: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A model's manifest entry for the file at ``path`` (``extra``: task-specific fields,
+    after ``task``)."""
+    return {
+        "id": model_id,
+        "version": version,
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+        "inputs": inputs,
+        "outputs": outputs,
+        "batch_axis": 0,
+        "task": task,
+        **extra,
+        "description": description,
+        "source": source,
+        "licence": licence,
+        "build": build,
+    }
 
 
 def toolchain(target_opset: Mapping[str, int]) -> dict[str, Any]:
