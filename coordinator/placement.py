@@ -7,13 +7,21 @@ the candidates in heaps whose keys do not age, and re-keys an agent only when so
 its estimate reads has changed (``AgentRecord.changed``: work dispatched or returned, a
 result refining its costs or link).
 
-An estimate is ``start + move + run``: ``start`` the moment the agent could begin a new
-microtask (its queue drained, or its copy of the model installed), ``move + run`` the
-transfer and execution of a microtask of the job's usual size. So an agent that could
-start now is keyed by ``move + run`` (the same at every moment), and one busy until a
-known moment by ``start + move + run`` in absolute time (the same at every moment until
-``start`` has passed, when it moves to the first kind). Both keys are exact or a lower
-bound of the truth, so checking the top of a heap is enough: the minimum is exact.
+An estimate is ``wait + move + run``: ``move + run`` the transfer and execution of a
+microtask of the job's usual size, ``wait`` the time before the agent could begin it. That
+is until ``start``, the moment its work in flight should be done (or its copy of the model
+installed). Once that moment has passed with work still in flight, the agent is late, and
+the longer it is late the later it is assumed to finish: ``wait`` is then as long again as
+it has been overdue. (Taking an overdue agent as free, as an estimate that only counts down
+would, made a stalled device look like the best one: the dispatcher held a job's last
+microtasks for it while the rest of the fleet sat idle.)
+
+So the keys do not age: an agent that could start now is keyed by ``move + run``, one busy
+until a known moment by ``start + move + run`` in absolute time, and a late one by
+``move + run - start``, to which the present moment is added (every late agent ages alike).
+A busy agent moves to the late or the idle heap when its ``start`` has passed. Every key is
+exact or a lower bound of the truth, so checking the top of each heap is enough: the
+minimum is exact.
 """
 
 from __future__ import annotations
@@ -28,60 +36,96 @@ if TYPE_CHECKING:
     from coordinator.registry import AgentRecord
 
 
+def start_at(agent: AgentRecord, model: str, now: float) -> tuple[float, bool]:
+    """(the moment ``agent`` could start a new microtask of ``model``, monotonic s; whether
+    that is the end of its work in flight, which a stalled agent overruns)."""
+    drains = agent.drains_at()
+    start = now if drains is None else drains
+    if agent.deploy_ms:  # the agent lacks the model: it runs once the model is installed
+        ready = now + agent.deploy_ms.get(model, 0.0) / 1000
+        if ready > start:
+            return ready, False
+    return start, drains is not None
+
+
+def wait_ms(start: float, late: bool, now: float) -> float:
+    """ms from ``now`` until a start at ``start``; past it, as long again as it is overdue
+    when ``late`` (work in flight still not done), else 0."""
+    if start > now:
+        return (start - now) * 1000
+    return (now - start) * 1000 if late else 0.0
+
+
+def run_ms(agent: AgentRecord, model: str, samples: int, payload_bytes: int) -> float:
+    """ms to move ``payload_bytes`` to ``agent`` and run ``samples`` samples there."""
+    return agent.transfer_ms(payload_bytes) + agent.costs[model].estimate(samples)
+
+
 def start_and_run_ms(
     agent: AgentRecord, model: str, samples: int, payload_bytes: int, now: float
 ) -> tuple[float, float]:
     """(ms from ``now`` until ``agent`` could start a new microtask of ``model``, ms to
     move ``payload_bytes`` there and run ``samples`` samples)."""
-    wait = agent.wait_ms(now)
-    if agent.deploy_ms:  # the agent lacks the model: it runs once the model is installed
-        wait = max(wait, agent.deploy_ms.get(model, 0.0))
-    return wait, agent.transfer_ms(payload_bytes) + agent.costs[model].estimate(samples)
+    return wait_ms(*start_at(agent, model, now), now), run_ms(agent, model, samples, payload_bytes)
 
 
-# (key ms, candidate order, version, agent, move + run ms, start: monotonic s)
-_Entry = tuple[float, int, int, "AgentRecord", float, float]
+# (key, candidate order, version, agent, move + run ms, start: monotonic s, late-able)
+_Entry = tuple[float, int, int, "AgentRecord", float, float, bool]
 
 
 class _Heaps:
     """Agents by estimated finish: ``idle`` keyed by move + run, ``busy`` by the absolute
-    finish. An entry whose version is not its agent's current one is stale."""
+    finish, ``late`` by move + run - start (add the present). An entry whose version is not
+    its agent's current one is stale."""
 
     def __init__(self, versions: dict[AgentRecord, int]) -> None:
         self.idle: list[_Entry] = []
         self.busy: list[_Entry] = []
+        self.late: list[_Entry] = []
         self._versions = versions
 
     def push(
-        self, order: int, version: int, agent: AgentRecord, run_ms: float, start: float, now: float
+        self,
+        order: int,
+        version: int,
+        agent: AgentRecord,
+        run_ms: float,
+        start: float,
+        late: bool,
+        now: float,
     ) -> None:
-        if start <= now:
-            heapq.heappush(self.idle, (run_ms, order, version, agent, run_ms, start))
+        if start > now:
+            entry = (start * 1000 + run_ms, order, version, agent, run_ms, start, late)
+            heapq.heappush(self.busy, entry)
+        elif late:
+            heapq.heappush(
+                self.late, (run_ms - start * 1000, order, version, agent, run_ms, start, late)
+            )
         else:
-            heapq.heappush(self.busy, (start * 1000 + run_ms, order, version, agent, run_ms, start))
+            heapq.heappush(self.idle, (run_ms, order, version, agent, run_ms, start, late))
 
     def best(self, now: float) -> tuple[float, AgentRecord] | None:
         """The agent that would finish first, and in how many ms."""
-        versions, idle, busy = self._versions, self.idle, self.busy
+        versions, busy = self._versions, self.busy
         while busy:
-            _, order, version, agent, run_ms, start = busy[0]
+            _, order, version, agent, run_ms, start, late = busy[0]
             if versions.get(agent) != version:
                 heapq.heappop(busy)
-            elif start <= now:  # its queue has drained: it could start at once
+            elif start <= now:  # its work should be done: idle, or late from now on
                 heapq.heappop(busy)
-                heapq.heappush(idle, (run_ms, order, version, agent, run_ms, start))
+                self.push(order, version, agent, run_ms, start, late, now)
             else:
                 break
-        while idle and versions.get(idle[0][3]) != idle[0][2]:
-            heapq.heappop(idle)
-        if idle and (not busy or idle[0][0] <= busy[0][0] - now * 1000):
-            return idle[0][0], idle[0][3]
-        if busy:
-            return busy[0][0] - now * 1000, busy[0][3]
-        return None
+        found: tuple[float, int, AgentRecord] | None = None
+        for heap, shift in ((self.idle, 0.0), (busy, -now * 1000), (self.late, now * 1000)):
+            while heap and versions.get(heap[0][3]) != heap[0][2]:
+                heapq.heappop(heap)
+            if heap and (found is None or (heap[0][0] + shift, heap[0][1]) < found[:2]):
+                found = (heap[0][0] + shift, heap[0][1], heap[0][3])
+        return None if found is None else (found[0], found[2])
 
     def __len__(self) -> int:
-        return len(self.idle) + len(self.busy)
+        return len(self.idle) + len(self.busy) + len(self.late)
 
 
 class FinishIndex:
@@ -118,8 +162,9 @@ class FinishIndex:
         self._versions[agent] = version
         if self.model not in agent.costs:  # reborn without it: out until the list is rebuilt
             return
-        wait_ms, run_ms = start_and_run_ms(agent, self.model, self.samples, self.payload_bytes, now)
-        key = (self._order[agent], version, agent, run_ms, now + wait_ms / 1000, now)
+        start, late = start_at(agent, self.model, now)
+        run = run_ms(agent, self.model, self.samples, self.payload_bytes)
+        key = (self._order[agent], version, agent, run, start, late, now)
         self._all.push(*key)
         if self._credit(agent) > 0:
             self._ready.push(*key)

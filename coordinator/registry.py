@@ -193,12 +193,12 @@ class AgentRecord:
         m = self.models.get(model_id)
         return m is not None and (sha256 is None or m.sha256 == sha256)
 
-    def wait_ms(self, now: float) -> float:
-        """Estimated time before a new microtask would start on this agent."""
+    def drains_at(self) -> float | None:
+        """When the work in flight should be done (monotonic s), by its estimates and the
+        agent's last progress; None when nothing is in flight."""
         if not self.in_flight:
-            return 0.0
-        elapsed_ms = (now - self.progress_mark) * 1000
-        return max(self.queued_ms / self.slots - elapsed_ms, 0.0)
+            return None
+        return self.progress_mark + self.queued_ms / self.slots / 1000
 
     def transfer_ms(self, nbytes: int) -> float:
         return self.latency_ms + nbytes / self.bytes_per_ms
