@@ -40,12 +40,13 @@ def start_at(agent: AgentRecord, model: str, now: float) -> tuple[float, bool]:
     """(the moment ``agent`` could start a new microtask of ``model``, monotonic s; whether
     that is the end of its work in flight, which a stalled agent overruns)."""
     drains = agent.drains_at()
-    start = now if drains is None else drains
-    if agent.deploy_ms:  # the agent lacks the model: it runs once the model is installed
-        ready = now + agent.deploy_ms.get(model, 0.0) / 1000
-        if ready > start:
-            return ready, False
-    return start, drains is not None
+    start, late = (now, False) if drains is None else (drains, True)
+    # Lacking the model, it runs once the model is installed (priced when the candidates
+    # are listed, and listed again every CANDIDATES_DOWNLOAD_TTL_S while that lasts).
+    install_ms = agent.deploy_ms.get(model, 0.0) if agent.deploy_ms else 0.0
+    if install_ms > wait_ms(start, late, now):
+        return now + install_ms / 1000, False
+    return start, late
 
 
 def wait_ms(start: float, late: bool, now: float) -> float:

@@ -128,6 +128,45 @@ def test_an_agent_still_downloading_the_model_is_keyed_by_when_it_can_start() ->
     assert best[0] == pytest.approx(500.0 + 0.316 + 0.1)
 
 
+def test_an_agent_late_with_its_work_looks_later_the_longer_it_is_late() -> None:
+    registry = Registry()
+    for name in ("stalled", "other"):
+        caps_ = caps(slots=1, models=[model(0.01)])
+        registry.apply_state(
+            AgentState(agent_id=name, online=True, seq=1, ts=1.0, capabilities=caps_)
+        )
+    stalled, other = registry.agents["stalled"], registry.agents["other"]
+    for a in (stalled, other):
+        a.latency_ms, a.bytes_per_ms = 0.3, 50_000.0
+        a.costs["m"].overhead_ms = 0.0
+    stalled.costs["m"].per_sample_ms = 0.001  # believed ten times as fast
+    # naive placement prices a missing model at 0 ms: that must not make it look free
+    stalled.deploy_ms["m"] = 0.0
+    ledger = Ledger(max_attempts=3)
+    job = big_job(samples=400, batch=100)
+    ledger.add(job)
+    ledger.dispatch(job.pending.popleft(), stalled, lease_s=60, est_ms=0.5)
+    now = stalled.progress_mark  # its work in flight should be done 0.5 ms after this
+    index = FinishIndex(
+        [other, stalled], model="m", samples=100, payload_bytes=800, credit=lambda a: 1, now=now
+    )
+    run_stalled, run_other = 0.3 + 0.016 + 0.1, 0.3 + 0.016 + 1.0
+    for after_ms, want_agent in [
+        (0.0, stalled),  # busy for 0.5 ms more
+        (0.5, stalled),  # due now
+        (1.0, stalled),  # late by 0.5 ms: 0.5 ms more
+        (2.0, other),  # late by 1.5 ms: the other agent finishes first
+    ]:
+        at = now + after_ms / 1000
+        wait = abs(0.5 - after_ms)  # until it is due, then as long again as it is late
+        want = run_other if want_agent is other else wait + run_stalled
+        assert sum(start_and_run_ms(stalled, "m", 100, 800, at)) == pytest.approx(
+            wait + run_stalled
+        )
+        best, _ = index.best(at)
+        assert best is not None and (best[1], best[0]) == (want_agent, pytest.approx(want))
+
+
 def test_a_change_of_fitness_for_work_makes_cached_candidate_lists_stale() -> None:
     registry, (a,) = fleet(random.Random(1), 1)
     epoch = AgentRecord.epoch
