@@ -8,20 +8,21 @@ its estimate reads has changed (``AgentRecord.changed``: work dispatched or retu
 result refining its costs or link).
 
 An estimate is ``wait + move + run``: ``move + run`` the transfer and execution of a
-microtask of the job's usual size, ``wait`` the time before the agent could begin it. That
-is until ``start``, the moment its work in flight should be done (or its copy of the model
-installed). Once that moment has passed with work still in flight, the agent is late, and
-the longer it is late the later it is assumed to finish: ``wait`` is then as long again as
-it has been overdue. (Taking an overdue agent as free, as an estimate that only counts down
-would, made a stalled device look like the best one: the dispatcher held a job's last
-microtasks for it while the rest of the fleet sat idle.)
+microtask of the job's usual size, ``wait`` the time before the agent could begin it: until
+``start``, the moment its work in flight should be done by its estimates (or its copy of
+the model installed). An agent a little past that moment is taken to be finishing (the
+estimates are noisy); one that has overrun it by as long again as the work was estimated
+to take is *late*, and from then on assumed to need as long again as it has been late: a
+device that stalls soon stops looking like the best one. (Taking an overdue agent as
+free, as an estimate that only counts down would, made a stalled device the favourite:
+the dispatcher held a job's last microtasks for it while the rest of the fleet sat idle.)
 
 So the keys do not age: an agent that could start now is keyed by ``move + run``, one busy
 until a known moment by ``start + move + run`` in absolute time, and a late one by
-``move + run - start``, to which the present moment is added (every late agent ages alike).
-A busy agent moves to the late or the idle heap when its ``start`` has passed. Every key is
-exact or a lower bound of the truth, so checking the top of each heap is enough: the
-minimum is exact.
+``move + run - late_from``, to which the present moment is added (every late agent ages
+alike). A busy agent moves to the idle heap when its ``start`` has passed, and is keyed
+again when it turns late (a timer per agent). Every key is exact or a lower bound of the
+truth, so checking the top of each heap is enough: the minimum is exact.
 """
 
 from __future__ import annotations
@@ -36,25 +37,28 @@ if TYPE_CHECKING:
     from coordinator.registry import AgentRecord
 
 
-def start_at(agent: AgentRecord, model: str, now: float) -> tuple[float, bool]:
-    """(the moment ``agent`` could start a new microtask of ``model``, monotonic s; whether
-    that is the end of its work in flight, which a stalled agent overruns)."""
+def start_at(agent: AgentRecord, model: str, now: float) -> tuple[float, float | None]:
+    """(the moment ``agent`` could start a new microtask of ``model``, monotonic s; the
+    moment it is late with its work in flight if that is not done by then, or None)."""
     drains = agent.drains_at()
-    start, late = (now, False) if drains is None else (drains, True)
+    if drains is None:
+        start, late_from = now, None
+    else:  # late once overdue by as long again as the work was estimated to take
+        start, late_from = drains, 2 * drains - agent.progress_mark
     # Lacking the model, it runs once the model is installed (priced when the candidates
     # are listed, and listed again every CANDIDATES_DOWNLOAD_TTL_S while that lasts).
     install_ms = agent.deploy_ms.get(model, 0.0) if agent.deploy_ms else 0.0
-    if install_ms > wait_ms(start, late, now):
-        return now + install_ms / 1000, False
-    return start, late
+    if install_ms > wait_ms(start, late_from, now):
+        return now + install_ms / 1000, None
+    return start, late_from
 
 
-def wait_ms(start: float, late: bool, now: float) -> float:
-    """ms from ``now`` until a start at ``start``; past it, as long again as it is overdue
-    when ``late`` (work in flight still not done), else 0."""
-    if start > now:
-        return (start - now) * 1000
-    return (now - start) * 1000 if late else 0.0
+def wait_ms(start: float, late_from: float | None, now: float) -> float:
+    """ms from ``now`` until a start at ``start``; from ``late_from`` on, as long again as
+    it has been late."""
+    if late_from is not None and now >= late_from:
+        return (now - late_from) * 1000
+    return max(start - now, 0.0) * 1000
 
 
 def run_ms(agent: AgentRecord, model: str, samples: int, payload_bytes: int) -> float:
@@ -70,14 +74,14 @@ def start_and_run_ms(
     return wait_ms(*start_at(agent, model, now), now), run_ms(agent, model, samples, payload_bytes)
 
 
-# (key, candidate order, version, agent, move + run ms, start: monotonic s, late-able)
-_Entry = tuple[float, int, int, "AgentRecord", float, float, bool]
+# (key, candidate order, version, agent, move + run ms, start: monotonic s)
+_Entry = tuple[float, int, int, "AgentRecord", float, float]
 
 
 class _Heaps:
     """Agents by estimated finish: ``idle`` keyed by move + run, ``busy`` by the absolute
-    finish, ``late`` by move + run - start (add the present). An entry whose version is not
-    its agent's current one is stale."""
+    finish, ``late`` by move + run - late_from (add the present). An entry whose version is
+    not its agent's current one is stale."""
 
     def __init__(self, versions: dict[AgentRecord, int]) -> None:
         self.idle: list[_Entry] = []
@@ -92,29 +96,27 @@ class _Heaps:
         agent: AgentRecord,
         run_ms: float,
         start: float,
-        late: bool,
+        late_from: float | None,
         now: float,
     ) -> None:
-        if start > now:
-            entry = (start * 1000 + run_ms, order, version, agent, run_ms, start, late)
-            heapq.heappush(self.busy, entry)
-        elif late:
-            heapq.heappush(
-                self.late, (run_ms - start * 1000, order, version, agent, run_ms, start, late)
-            )
+        if late_from is not None and now >= late_from:
+            entry = (run_ms - late_from * 1000, order, version, agent, run_ms, start)
+            heapq.heappush(self.late, entry)
+        elif start > now:
+            heapq.heappush(self.busy, (start * 1000 + run_ms, order, version, agent, run_ms, start))
         else:
-            heapq.heappush(self.idle, (run_ms, order, version, agent, run_ms, start, late))
+            heapq.heappush(self.idle, (run_ms, order, version, agent, run_ms, start))
 
     def best(self, now: float) -> tuple[float, AgentRecord] | None:
         """The agent that would finish first, and in how many ms."""
         versions, busy = self._versions, self.busy
         while busy:
-            _, order, version, agent, run_ms, start, late = busy[0]
+            _, order, version, agent, run_ms, start = busy[0]
             if versions.get(agent) != version:
                 heapq.heappop(busy)
-            elif start <= now:  # its work should be done: idle, or late from now on
+            elif start <= now:  # its work should be done: it could start at once
                 heapq.heappop(busy)
-                self.push(order, version, agent, run_ms, start, late, now)
+                heapq.heappush(self.idle, (run_ms, order, version, agent, run_ms, start))
             else:
                 break
         found: tuple[float, int, AgentRecord] | None = None
@@ -153,6 +155,9 @@ class FinishIndex:
         self._versions: dict[AgentRecord, int] = {}
         self._all = _Heaps(self._versions)
         self._ready = _Heaps(self._versions)
+        # (late_from, order, version, agent): when an agent with work in flight turns late
+        # if no result has come by then (it is keyed again).
+        self._timers: list[tuple[float, int, int, AgentRecord]] = []
         self.changes: set[AgentRecord] = set()
         now = time.monotonic() if now is None else now
         for agent in candidates:
@@ -163,28 +168,36 @@ class FinishIndex:
         self._versions[agent] = version
         if self.model not in agent.costs:  # reborn without it: out until the list is rebuilt
             return
-        start, late = start_at(agent, self.model, now)
-        run = run_ms(agent, self.model, self.samples, self.payload_bytes)
-        key = (self._order[agent], version, agent, run, start, late, now)
-        self._all.push(*key)
+        start, late_from = start_at(agent, self.model, now)
+        order = self._order[agent]
+        key = (order, version, agent, run_ms(agent, self.model, self.samples, self.payload_bytes))
+        self._all.push(*key, start, late_from, now)
         if self._credit(agent) > 0:
-            self._ready.push(*key)
+            self._ready.push(*key, start, late_from, now)
+        if late_from is not None and now < late_from:
+            heapq.heappush(self._timers, (late_from, order, version, agent))
 
     def sync(self, now: float) -> None:
-        """Re-key the agents that changed since the last answer."""
+        """Re-key the agents that changed since the last answer, or turned late."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, version, agent = heapq.heappop(timers)
+            if self._versions.get(agent) == version:
+                self.changes.add(agent)
         if self.changes:
             changes = list(self.changes)
             self.changes.clear()  # the same set: the registry holds it
             for agent in changes:
                 if agent in self._order:
                     self._key(agent, now)
-        if len(self._all) + len(self._ready) > 4 * len(self._order) + 64:
+        if len(self._all) + len(self._ready) + len(timers) > 6 * len(self._order) + 64:
             self._compact(now)
 
     def _compact(self, now: float) -> None:
         """Drop the stale entries (every re-key leaves one behind)."""
         self._all = _Heaps(self._versions)
         self._ready = _Heaps(self._versions)
+        self._timers = []
         for agent in self._order:
             self._key(agent, now)
 

@@ -101,7 +101,7 @@ def test_the_index_finds_the_same_earliest_finish_as_a_scan(seed: int) -> None:
             ledger.retry(task, agent, "lease_expired", "late")
     assert checked > 100
     # every re-key leaves a stale entry behind; compaction keeps the heaps bounded
-    assert len(index._all) + len(index._ready) <= 4 * len(agents) + 64 + 2
+    assert len(index._all) + len(index._ready) + len(index._timers) <= 6 * len(agents) + 64 + 3
 
 
 def test_an_agent_still_downloading_the_model_is_keyed_by_when_it_can_start() -> None:
@@ -154,11 +154,13 @@ def test_an_agent_late_with_its_work_looks_later_the_longer_it_is_late() -> None
     for after_ms, want_agent in [
         (0.0, stalled),  # busy for 0.5 ms more
         (0.5, stalled),  # due now
-        (1.0, stalled),  # late by 0.5 ms: 0.5 ms more
-        (2.0, other),  # late by 1.5 ms: the other agent finishes first
+        (0.9, stalled),  # overdue, by less than the work's own estimate: finishing
+        (1.5, stalled),  # late (overdue by 1 ms) by 0.5 ms: 0.5 ms more
+        (2.5, other),  # late by 1.5 ms: the other agent finishes first
     ]:
         at = now + after_ms / 1000
-        wait = abs(0.5 - after_ms)  # until it is due, then as long again as it is late
+        # until it is due; then nothing until it is late; then as long again as it is late
+        wait = max(0.5 - after_ms, 0.0) if after_ms < 1.0 else after_ms - 1.0
         want = run_other if want_agent is other else wait + run_stalled
         assert sum(start_and_run_ms(stalled, "m", 100, 800, at)) == pytest.approx(
             wait + run_stalled
