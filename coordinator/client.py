@@ -48,6 +48,12 @@ def _matches(topic: str, pattern: str) -> bool:
 
 logger = logging.getLogger(__name__)
 
+# Waiting jobs submitted again after a reconnection go in bursts of this many, at this
+# rate: under the coordinator's default per-identity limits (client_burst 2,000,
+# client_rate_per_s 1,000), which drop what exceeds them without an answer.
+RESUBMIT_BURST = 100
+RESUBMIT_PER_S = 400.0
+
 StatusCallback = Callable[[JobStatus], None]
 
 
@@ -105,6 +111,7 @@ class OffloadClient:
         # Job id -> (submit topic, encoded submission) of the jobs waited for: submitted
         # again after every reconnection.
         self._submissions: dict[str, tuple[str, bytes]] = {}
+        self._resubmitting: asyncio.Task[None] | None = None
         self._watchers: dict[str, StatusCallback] = {}
         self._agents: dict[str, AgentState] | None = None
         self._coordinator: asyncio.Future[CoordinatorState] | None = None
@@ -130,6 +137,8 @@ class OffloadClient:
     async def __aexit__(self, *exc: object) -> None:
         if self._runner is not None:
             await cancel_and_wait([self._runner])
+        if self._resubmitting is not None:
+            await cancel_and_wait([self._resubmitting])
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
@@ -143,9 +152,22 @@ class OffloadClient:
         Submission is idempotent per job id, so this is safe whichever it was."""
         if link.connections == 1 or not self._submissions:
             return
+        if self._resubmitting is not None:
+            self._resubmitting.cancel()  # a newer connection starts over
+        self._resubmitting = asyncio.create_task(
+            self._submit_again(link, link.connections), name="offload-client-resubmit"
+        )
+
+    async def _submit_again(self, link: Link, connection: int) -> None:
+        """Submit the waiting jobs again, paced (RESUBMIT_BURST, RESUBMIT_PER_S)."""
         again = list(self._submissions)
-        for topic, payload in self._submissions.values():
-            if not link.publish_nowait(topic, payload, qos=1):
+        for i, job_id in enumerate(again):
+            if i and i % RESUBMIT_BURST == 0:
+                await asyncio.sleep(RESUBMIT_BURST / RESUBMIT_PER_S)
+            submission = self._submissions.get(job_id)
+            if submission is None:
+                continue  # answered meanwhile
+            if link.connections != connection or not link.publish_nowait(*submission, qos=1):
                 return  # lost again already: the next connection tries once more
         logger.info(
             "reconnected: submitted %d waiting jobs again (%s)",

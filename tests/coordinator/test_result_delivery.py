@@ -10,6 +10,7 @@ and Mosquitto.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -250,3 +251,47 @@ async def test_a_result_lost_with_the_coordinators_link_is_published_again(
             second = await client.run("digits-mlp", x[:5], batch_size=5, timeout=60)
             assert second["label"].shape == (5,)
             assert handle.done() and (await handle.result()).result == out.result
+
+
+async def test_more_waiting_jobs_than_the_coordinators_burst_are_all_submitted_again(
+    mosquitto_address: BrokerAddress,
+    root: str,
+    agent_factory: Any,
+    coordinator_factory: Any,
+    digits: Any,
+) -> None:
+    # The coordinator drops, without an answer, what an identity submits beyond its burst:
+    # the client's resubmissions after a reconnection must be paced under it.
+    n, burst = 400, 150
+    x = digits[0][:n]
+    async with gate(mosquitto_address) as agent_gate, gate(mosquitto_address) as client_gate:
+        _, coord = await one_agent_fleet(
+            through(agent_gate, mosquitto_address),
+            mosquitto_address,
+            agent_factory,
+            coordinator_factory,
+            client_burst=float(burst),
+        )
+        async with OffloadClient(
+            through(client_gate, mosquitto_address), root=root, client_id="rd-many"
+        ) as client:
+            agent_gate.hold()  # no job finishes until the client is away
+            handles = []
+            for i in range(n):
+                if i and i % 100 == 0:
+                    await asyncio.sleep(0.25)  # the first submissions, paced by hand
+                handles.append(await client.submit("digits-mlp", x[i : i + 1], batch_size=1))
+            await wait_until(
+                lambda: all(h.job_id in coord.ledger.jobs for h in handles), what="the jobs"
+            )
+            jobs = [coord.ledger.jobs[h.job_id] for h in handles]
+            client_gate.cut(refuse=True)
+            agent_gate.release()
+            await wait_until(lambda: all(j.terminal for j in jobs), what="the jobs to finish")
+            assert not any(h.done() for h in handles)
+            client_gate.restore()
+            outs = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+    label, _ = direct(x)
+    assert np.array_equal(np.concatenate([o["label"] for o in outs]), label)
+    assert coord.resent == {"resubmitted": n}
+    assert coord.rejected["job_rate_limited"] == 0
