@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from coordinator import OffloadClient, service
+from coordinator.report import build_report
 from protocol import BrokerAddress, JobError, JobResult, Rejection, Topics
 from tests.agent.test_agent import collect, raw_client
 from tests.conftest import DIGITS_MODEL
@@ -150,9 +151,7 @@ async def test_forged_and_malformed_agent_messages_are_counted_not_fatal(
     assert coord.rejected["malformed_state"] == 1
 
 
-@pytest.mark.parametrize(
-    ("policy", "low", "high"), [("earliest_finish", 2.8, 6.5), ("round_robin", 0.9, 1.1)]
-)
+@pytest.mark.parametrize("policy", ["earliest_finish", "round_robin"])
 async def test_share_follows_measured_speed_under_earliest_finish_only(
     mosquitto_address: BrokerAddress,
     agent_processes: Any,
@@ -160,12 +159,10 @@ async def test_share_follows_measured_speed_under_earliest_finish_only(
     client_factory: Any,
     digits: Any,
     policy: str,
-    low: float,
-    high: float,
 ) -> None:
     address = mosquitto_address
     # Both devices are emulated (slowed 2x and 8x by sleeping), so that neither fights the
-    # coordinator and the broker for this machine's two cores and their speeds stay 4:1.
+    # coordinator and the broker for this machine's two cores; nominally 4:1.
     agent_processes(address, "fast", "--slots", "1", "--slowdown", "2")
     agent_processes(address, "slow", "--slots", "1", "--slowdown", "8")
     coord = await coordinator_factory(address)
@@ -179,7 +176,22 @@ async def test_share_follows_measured_speed_under_earliest_finish_only(
     out = await client.run("digits-mlp", {"input": x}, batch_size=500, policy=policy, timeout=120)
     shares = out.result.per_agent
     ratio = shares["fast"].samples / shares["slow"].samples
-    assert low <= ratio <= high, f"{policy}: fast/slow = {ratio:.2f} ({shares})"
+    trace = coord.ledger.jobs[out.job_id].trace
+    assert trace is not None
+    busy = {a.agent: a.busy_s for a in build_report(trace).agents}
+    # How much faster the fast agent really ran in this job: the sleeps scale each process's
+    # real execution times, which differ (4.6-5.5x in eight runs here, not the nominal 4x;
+    # a share ratio bound alone failed at 7.3 once in CI).
+    speed = (shares["fast"].samples / busy["fast"]) / (shares["slow"].samples / busy["slow"])
+    detail = f"{policy}: fast/slow = {ratio:.2f}, speed {speed:.2f}x, busy {busy} ({shares})"
+    if policy == "earliest_finish":
+        # Work in proportion to speed: both kept busy alike, so the shares follow the speed.
+        assert ratio >= 2.8, detail
+        assert 0.8 <= busy["fast"] / busy["slow"] <= 1.25, detail
+    else:
+        # Equal shares whatever the speed: the slow agent is the bottleneck.
+        assert 0.9 <= ratio <= 1.1, detail
+        assert busy["fast"] / busy["slow"] < 0.5, detail
 
 
 @pytest.mark.parametrize("wire", ["auto", "json"])
