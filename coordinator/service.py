@@ -705,33 +705,32 @@ class Coordinator:
         if owner is None and (known or spec.client_id is None):
             topics.append(self.topics.result(job_id))
         if held is not None:
-            for topic in topics:
-                self._publish(topic, held.payload)
-            self.resent["resubmitted"] += 1
+            payload, reason = held.payload, "resubmitted"
             logger.info(
                 "job %s submitted again after it finished: its result was sent again",
                 job_id,
                 extra=ids,
             )
-            return
-        error = ErrorInfo(
-            code="result_expired",
-            message=(
-                f"job {job_id!r} has finished and the coordinator no longer holds its result "
-                f"(results are kept {self.config.result_keep_s:g} s, up to "
-                f"{self.config.result_cache_bytes} bytes in all); submit it again under a "
-                "new job id"
-            ),
-        )
-        payload = JobResult(job_id=job_id, ok=False, error=error).to_json()
+        else:
+            error = ErrorInfo(
+                code="result_expired",
+                message=(
+                    f"job {job_id!r} has finished and the coordinator no longer holds its "
+                    f"result (results are kept {self.config.result_keep_s:g} s, up to "
+                    f"{self.config.result_cache_bytes} bytes in all); submit it again under "
+                    "a new job id"
+                ),
+            )
+            payload = JobResult(job_id=job_id, ok=False, error=error).to_json()
+            reason = "expired"
+            logger.warning(
+                "job %s submitted again after it finished, but its result is no longer held",
+                job_id,
+                extra=ids,
+            )
         for topic in topics:
             self._publish(topic, payload)
-        self.resent["expired"] += 1
-        logger.warning(
-            "job %s submitted again after it finished, but its result is no longer held",
-            job_id,
-            extra=ids,
-        )
+        self.resent[reason] += 1
 
     def submit(
         self,
